@@ -1,0 +1,265 @@
+"""Typed, validated params sections.
+
+Every section of ``params.yaml`` loads into a frozen dataclass through :func:`load_section`. An
+unknown key, a value of the wrong type, an out-of-range value or an unknown model/dataset name
+stops with a :class:`ConfigError` that names the offending key, in the spirit of nanoGPT's
+configurator (an override must keep its default's type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params section is malformed: the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One entry of the model ``zoo``.
+
+    ``source`` is ``hub`` (a HuggingFace repo id in ``repo``), ``gguf`` (a GGUF file shipped by the
+    Python package ``package``, loaded offline and dequantised) or ``tiny`` (a random model of
+    architecture ``arch`` built from a small config, for tests and smoke runs).
+    """
+
+    source: Literal["hub", "gguf", "tiny"]
+    repo: str = ""
+    package: str = ""
+    gguf_file: str = ""
+    arch: Literal["llama", "phi", "phi3", ""] = ""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lm_head: bool = True
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    quantization: Literal["none", "nf4"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    params_billion: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.source == "hub" and not self.repo:
+            raise ConfigError("a hub model card needs 'repo'")
+        if self.source == "gguf" and not (self.package and self.gguf_file):
+            raise ConfigError("a gguf model card needs 'package' and 'gguf_file'")
+        if self.source == "tiny" and not self.arch:
+            raise ConfigError("a tiny model card needs 'arch' (llama, phi or phi3)")
+        if self.r <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(
+                f"LoRA r must be > 0 and dropout in [0, 1), got {self.r}, {self.dropout}"
+            )
+        if not self.targets:
+            raise ConfigError("'targets' must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The task: ``name`` is a key of :data:`lalora.data.DATASETS`.
+
+    ``source`` is ``generated`` (the project's own task), ``hub`` (HuggingFace ``datasets``) or
+    ``local`` (a folder of the official files, ``local_dir``, relative to the project root).
+    ``val_size`` examples are carved from train (seeded) for prior tuning on validation NLL.
+    """
+
+    name: str
+    source: Literal["generated", "hub", "local"] = "generated"
+    local_dir: str = ""
+    train_split: str = "train"
+    test_split: str = "test"
+    n_train: int = 640
+    n_test: int = 500
+    val_size: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """LoRA fine-tuning (the report's Table 1): AdamW, linear schedule, checkpoints."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    batch_size: int = 6
+    max_length: int = 512
+    steps: int = 2500
+    save_every: int = 500
+    warmup_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.save_every <= 0 or self.steps % self.save_every:
+            raise ConfigError(
+                f"finetune.steps ({self.steps}) must be a positive multiple of "
+                f"finetune.save_every ({self.save_every})"
+            )
+        if self.batch_size <= 0 or self.lr <= 0 or self.max_length <= 0:
+            raise ConfigError("finetune.batch_size, lr and max_length must be positive")
+
+    @property
+    def checkpoints(self) -> list[int]:
+        """Steps at which a checkpoint is written: 0, save_every, ..., steps."""
+        return list(range(0, self.steps + 1, self.save_every))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """MAP and Laplace evaluation."""
+
+    batch_size: int = 4
+    ece_bins: int = 10
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.ece_bins <= 0:
+            raise ConfigError("evaluate.batch_size and evaluate.ece_bins must be positive")
+
+
+@dataclass(frozen=True)
+class KfacConfig:
+    """Kronecker factors: Fisher type, low-rank update, rank ``k`` and size threshold."""
+
+    fisher: Literal["exact", "mc", "empirical"] = "exact"
+    update: Literal["svd", "nystrom"] = "svd"
+    rank: int = 10
+    threshold: int = 256
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank <= 0 or self.threshold <= 0 or self.batch_size <= 0:
+            raise ConfigError("kfac.rank, kfac.threshold and kfac.batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Prior precision tuning: marginal likelihood (default) or validation NLL."""
+
+    method: Literal["marglik", "val_nll"] = "marglik"
+    structure: Literal["scalar", "layerwise"] = "scalar"
+    log10_min: float = -4.0
+    log10_max: float = 6.0
+    grid: int = 41
+
+    def __post_init__(self) -> None:
+        if not self.log10_min < self.log10_max or self.grid < 3:
+            raise ConfigError("prior: need log10_min < log10_max and grid >= 3")
+
+
+@dataclass(frozen=True)
+class PredictiveConfig:
+    """Linearised predictive: Monte Carlo over the logit Gaussian, or probit."""
+
+    link: Literal["mc", "probit"] = "mc"
+    samples: int = 10000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples <= 0:
+            raise ConfigError("predictive.samples must be positive")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole ``params.yaml``."""
+
+    models: tuple[str, ...]
+    checkpoints: tuple[int, ...]
+    zoo: dict[str, ModelCard] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=lambda: DataConfig(name="generated"))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    kfac: KfacConfig = field(default_factory=KfacConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
+
+    def __post_init__(self) -> None:
+        for name in self.models:
+            if name not in self.zoo:
+                raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(self.zoo)}")
+        if list(self.checkpoints) != self.finetune.checkpoints:
+            raise ConfigError(
+                f"checkpoints {list(self.checkpoints)} must equal "
+                f"{self.finetune.checkpoints} (0 to finetune.steps every finetune.save_every)"
+            )
+
+    def card(self, model: str) -> ModelCard:
+        """The zoo card of ``model``, with a clear error for an unknown name."""
+        if model not in self.zoo:
+            raise ConfigError(f"unknown model {model!r}; the zoo has {sorted(self.zoo)}")
+        return self.zoo[model]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unions are not supported in params")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type[T], raw: Any, key: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{key or 'params'}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(
+            f"{key}: {err}" if key and not str(err).startswith(key) else str(err)
+        ) from None
+
+
+def load_section(cls: type[T], raw: Any, key: str) -> T:
+    """Load one params section (``raw``, a mapping) into the frozen dataclass ``cls``."""
+    return _from_dict(cls, raw, key)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate the whole params file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return _from_dict(Params, raw, "")

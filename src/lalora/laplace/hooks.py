@@ -1,0 +1,99 @@
+"""Capture the inputs and output gradients of LoRA linear maps.
+
+Layout used throughout ``lalora.laplace``: a module with weight (d_out, d_in) sees inputs ``a`` of
+shape (B, T, d_in) (or (B, d_in), read as T = 1) and output gradients ``g`` of shape (B, T, d_out).
+Padding positions (``mask == 0``) are zeroed in both, so they contribute nothing to any sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class Tap:
+    """Records, per module name, the masked input (B, T, d_in) of the current forward pass and
+    calls ``on_grad(name, a, g)`` with the masked output gradient (B, T, d_out) on each backward.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Linear],
+        on_grad: Callable[[str, Tensor, Tensor], None],
+        on_input: Callable[[str, Tensor], None] | None = None,
+    ):
+        self.modules = modules
+        self.on_grad = on_grad
+        self.on_input = on_input
+        self.inputs: dict[str, Tensor] = {}
+        self.mask: Tensor | None = None
+        self._handles: list = []
+
+    def _expand(self, x: Tensor) -> Tensor:
+        x = x.detach()
+        if x.ndim == 2:
+            return x[:, None, :]  # (B, 1, d)
+        if x.ndim != 3:
+            raise ValueError(f"LoRA module input must be (B, d) or (B, T, d), got {tuple(x.shape)}")
+        if self.mask is not None:
+            if self.mask.shape != x.shape[:2]:
+                raise ValueError(
+                    f"mask {tuple(self.mask.shape)} does not match input {tuple(x.shape)}"
+                )
+            x = x * self.mask[:, :, None].to(x.dtype)
+        return x
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.inputs[name] = self._expand(inputs[0])
+            if self.on_input is not None:
+                self.on_input(name, self.inputs[name])
+            if output.requires_grad:
+                output.register_hook(
+                    lambda g: self.on_grad(name, self.inputs[name], self._expand(g))
+                )
+
+        return hook
+
+    def __enter__(self) -> Tap:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.inputs.clear()
+
+
+@contextmanager
+def lora_grad_enabled(modules: dict[str, nn.Linear]) -> Iterator[list[Tensor]]:
+    """Temporarily make the LoRA weights require grad (so their outputs get gradients)."""
+    params = [m.weight for m in modules.values()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield params
+    finally:
+        for p, b in zip(params, before, strict=True):
+            p.requires_grad_(b)
+
+
+def output_gradients(logits: Tensor, vectors: Tensor, params: list[Tensor]) -> None:
+    """Backpropagate each column of ``vectors`` (B, C, K) as an output gradient of ``logits``
+    (B, C): K backward passes through one graph, firing the tap's gradient hooks each time.
+    """
+    K = vectors.shape[-1]
+    for k in range(K):
+        torch.autograd.grad(
+            logits,
+            params,
+            grad_outputs=vectors[:, :, k].to(logits.dtype),
+            retain_graph=k < K - 1,
+            allow_unused=True,
+        )

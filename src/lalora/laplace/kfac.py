@@ -1,0 +1,156 @@
+"""Kronecker-factored GGN/Fisher of the LoRA weights (method.md sections 2-3).
+
+For module m with inputs a (rows: every non-padding position, KFAC-"expand", Eschenhagen et al.
+2023) and output gradients g:
+
+    A_m = 1/(N_rows) sum_{n,t} a_{n,t} a_{n,t}^T        (d_in, d_in)
+    G_m = sum_{n,t,k} g_{n,t,k} g_{n,t,k}^T               (d_out, d_out)
+
+the normalisation curvlinops' ``KFACLinearOperator`` uses for a sum-reduced loss, so that with one
+datum and T = 1 the product A_m (x) G_m is the exact GGN block. ``g_{n,t,k}`` is the gradient
+reached by backpropagating column k of a square root S_n of the loss Hessian w.r.t. the logits:
+
+- ``exact`` (type-2 Fisher): Lambda_n = diag(p) - p p^T has rank C - 1, so its C - 1 non-zero
+  eigenpairs give S_n (C, C - 1) exactly, with C - 1 backward passes (one for two choices);
+- ``mc``: one sampled label y ~ p, S_n = p - e_y (one backward pass);
+- ``empirical``: the true label, S_n = p - e_y (one backward pass).
+
+All passes share one forward; the factors are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
+from lalora.laplace.kron import make_accumulator
+from lalora.laplace.posterior import ModuleFactors, Posterior
+
+LogitsFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Fisher(StrEnum):
+    EXACT = "exact"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
+class LowRankUpdate(StrEnum):
+    SVD = "svd"
+    NYSTROM = "nystrom"
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite logit or factor: the message names the batch or module."""
+
+
+def exact_fisher_root(logits: Tensor) -> Tensor:
+    """S (B, C, C - 1) with S S^T = diag(p) - p p^T, p = softmax(logits) (B, C), in float64."""
+    p = torch.softmax(logits.double(), dim=-1)  # (B, C)
+    if p.shape[-1] == 2:  # closed form: Lambda = p1 p2 (e1 - e2)(e1 - e2)^T
+        s = (p[:, 0] * p[:, 1]).sqrt()  # (B,)
+        return torch.stack([s, -s], dim=-1)[:, :, None]
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (B, C, C)
+    evals, evecs = torch.linalg.eigh(lam)  # ascending; the first is the zero mode
+    return evecs[:, :, 1:] * evals[:, None, 1:].clamp(min=0).sqrt()
+
+
+def fisher_root(
+    logits: Tensor, labels: Tensor, fisher: Fisher, generator: torch.Generator | None = None
+) -> Tensor:
+    """Output-gradient vectors (B, C, K) whose outer products sum to the chosen Fisher."""
+    fisher = Fisher(fisher)
+    if fisher is Fisher.EXACT:
+        return exact_fisher_root(logits)
+    p = torch.softmax(logits.double(), dim=-1)
+    if fisher is Fisher.MC:
+        labels = torch.multinomial(p, 1, generator=generator).squeeze(1)
+    onehot = nn.functional.one_hot(labels, p.shape[-1]).double()
+    return (p - onehot)[:, :, None]
+
+
+def _mask(batch: Any) -> Tensor | None:
+    return getattr(batch, "attention_mask", None)
+
+
+def fit_kfac(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    fisher: Fisher | str = Fisher.EXACT,
+    rank: int = 10,
+    threshold: int = 256,
+    update: LowRankUpdate | str = LowRankUpdate.SVD,
+    seed: int = 0,
+    progress: bool = False,
+    total: int | None = None,
+) -> Posterior:
+    """Fit the Kronecker factors of ``modules`` (LoRA ``nn.Linear`` maps) over ``batches``.
+
+    Args:
+        model: the network, evaluated in eval mode (no dropout).
+        batches: objects with ``labels`` (B,) and optionally ``attention_mask`` (B, T).
+        logits_fn: ``logits_fn(model, batch) -> (B, C)`` answer logits.
+        modules: name -> linear map whose weight (d_out, d_in) gets factors.
+        fisher: ``exact`` (C - 1 passes), ``mc`` or ``empirical`` (one pass each).
+        rank, threshold, update: sides of size >= threshold (and > rank) are kept low-rank.
+
+    Returns:
+        A :class:`Posterior` without a prior (see :func:`lalora.laplace.marglik.tune_prior`).
+    """
+    fisher = Fisher(fisher)
+    update = LowRankUpdate(update).value
+    a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
+    for i, (name, mod) in enumerate(modules.items()):
+        d_out, d_in = mod.weight.shape
+        a_acc[name] = make_accumulator(d_in, rank, threshold, update, seed=seed + 2 * i)
+        g_acc[name] = make_accumulator(d_out, rank, threshold, update, seed=seed + 2 * i + 1)
+    gen = torch.Generator().manual_seed(seed)
+    n_data, log_lik = 0, 0.0
+
+    def on_input(name: str, a: Tensor) -> None:  # a (B, T, d_in), padding zeroed
+        mask = tap.mask
+        rows = (
+            int(mask.sum())
+            if mask is not None and mask.shape[1] == a.shape[1]
+            else a.shape[0] * a.shape[1]
+        )
+        n_rows[name] += rows
+        a_acc[name].update(a.reshape(-1, a.shape[-1]))
+
+    def on_grad(name: str, a: Tensor, g: Tensor) -> None:  # g (B, T, d_out)
+        g_acc[name].update(g.reshape(-1, g.shape[-1]))
+
+    was_training = model.training
+    model.eval()
+    with lora_grad_enabled(modules) as params, Tap(modules, on_grad, on_input) as tap:
+        for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
+            tap.mask = _mask(batch)
+            logits = logits_fn(model, batch)  # (B, C)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(f"non-finite logits in batch {b}")
+            log_lik += float(
+                torch.log_softmax(logits.double(), -1).gather(1, batch.labels[:, None]).sum()
+            )
+            n_data += logits.shape[0]
+            roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
+            output_gradients(logits, roots, params)
+    model.train(was_training)
+
+    factors = {}
+    for name, mod in modules.items():
+        a = a_acc[name].finalize(1.0 / max(n_rows[name], 1))
+        g = g_acc[name].finalize(1.0)
+        for side, f in (("input", a), ("output-gradient", g)):
+            if not (torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()):
+                raise NonFiniteError(f"non-finite {side} factor in module {name}")
+        theta_sq = float(mod.weight.detach().double().pow(2).sum())
+        factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=n_rows[name])
+    return Posterior(modules=factors, n_data=n_data, fisher=fisher.value, log_likelihood=log_lik)

@@ -1,0 +1,152 @@
+"""Low-rank Kronecker factors: streaming accumulation and eigendecomposition.
+
+A Kronecker factor F = sum_rows x x^T of side d is kept as its eigendecomposition
+``F ~ Q diag(lam) Q^T`` with Q of shape (d, k): k = d (dense) when d is below the size threshold
+or the rank is at least d, else k = rank (low-rank). Three accumulators share one interface
+(``update(rows)`` with rows (m, d), ``finalize(scale) -> Factor``):
+
+- :class:`DenseAccumulator`: F += rows^T rows in float64 (exact).
+- :class:`SvdAccumulator`: the paper's incremental SVD (Yang et al. 2024): L (d, k) with
+  L L^T ~ F; per update, L <- top-k left singular vectors of [L, rows^T] times their singular
+  values. Cost O(d (k + m)^2) per update; exact while rank(F) <= k.
+- :class:`NystromAccumulator`: a streaming Nystrom sketch Y = F Omega (Tropp, Yurtsever, Udell,
+  Cevher 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"),
+  Omega (d, s) an orthonormalised Gaussian test matrix, s = sketch size >= k. Cost O(d m s) per
+  update; the final fixed-rank reconstruction is exact when rank(F) <= s. Sketches from several
+  workers add up (``Y`` is linear in the data) before ``finalize``.
+
+Eigenvalues are clipped at zero (round-off can make tiny ones negative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Factor:
+    """F ~ Q diag(lam) Q^T: ``evecs`` (d, k) orthonormal columns, ``evals`` (k,) >= 0, sorted
+    descending. ``k == d`` means the factor is kept exactly (dense)."""
+
+    evecs: Tensor
+    evals: Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.evecs.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.evecs.shape[1]
+
+    def dense(self) -> Tensor:
+        """The (d, d) matrix (tests and small sides only)."""
+        return (self.evecs * self.evals) @ self.evecs.T
+
+
+def eig_factor(matrix: Tensor, k: int | None = None) -> Factor:
+    """Eigendecomposition of a symmetric PSD (d, d) matrix, top ``k`` kept, clipped at zero."""
+    evals, evecs = torch.linalg.eigh((matrix + matrix.T) / 2)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    if k is not None:
+        evals, evecs = evals[:k], evecs[:, :k]
+    return Factor(evecs=evecs.contiguous(), evals=evals.clamp(min=0).contiguous())
+
+
+def factor_from_root(L: Tensor, k: int) -> Factor:
+    """Factor of L L^T from a root L (d, m) via a thin SVD, top ``k`` kept."""
+    U, S, _ = torch.linalg.svd(L, full_matrices=False)
+    if U.shape[1] < k:  # pad with an orthonormal completion and zero eigenvalues
+        Q, _ = torch.linalg.qr(torch.cat([U, torch.eye(L.shape[0], k, dtype=L.dtype)], dim=1))
+        U = torch.cat([U, Q[:, U.shape[1] : k]], dim=1)
+        S = torch.cat([S, S.new_zeros(k - S.shape[0])])
+    return Factor(evecs=U[:, :k].contiguous(), evals=(S[:k] ** 2).contiguous())
+
+
+class DenseAccumulator:
+    """Exact sum of outer products, (d, d) in float64."""
+
+    def __init__(self, dim: int):
+        self.sum = torch.zeros(dim, dim, dtype=DTYPE)
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.to(DTYPE)  # (m, d)
+        self.sum.addmm_(rows.T, rows)
+
+    def finalize(self, scale: float = 1.0) -> Factor:
+        return eig_factor(self.sum * scale)
+
+
+class SvdAccumulator:
+    """Incremental SVD: root L (d, <= k) with L L^T ~ sum of outer products."""
+
+    def __init__(self, dim: int, rank: int):
+        self.rank = rank
+        self.L = torch.zeros(dim, 0, dtype=DTYPE)
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.to(DTYPE)
+        rows = rows[rows.abs().amax(dim=1) > 0]  # zero rows (padding) change nothing
+        if rows.shape[0] == 0:
+            return
+        M = torch.cat([self.L, rows.T], dim=1)  # (d, k + m)
+        U, S, _ = torch.linalg.svd(M, full_matrices=False)
+        k = min(self.rank, S.shape[0])
+        self.L = U[:, :k] * S[:k]
+
+    def finalize(self, scale: float = 1.0) -> Factor:
+        return factor_from_root(self.L * scale**0.5, self.rank)
+
+
+class NystromAccumulator:
+    """Streaming Nystrom sketch Y = F Omega with a fixed orthonormal test matrix Omega (d, s)."""
+
+    def __init__(self, dim: int, rank: int, sketch: int, seed: int = 0):
+        self.rank = rank
+        s = min(dim, max(sketch, rank))
+        gen = torch.Generator().manual_seed(seed)
+        omega = torch.randn(dim, s, generator=gen, dtype=DTYPE)
+        self.omega, _ = torch.linalg.qr(omega)  # (d, s)
+        self.Y = torch.zeros(dim, s, dtype=DTYPE)
+
+    def update(self, rows: Tensor) -> None:
+        rows = rows.to(DTYPE)  # (m, d)
+        self.Y.addmm_(rows.T, rows @ self.omega)  # (d, s)
+
+    def finalize(self, scale: float = 1.0) -> Factor:
+        """Tropp et al. 2017, Algorithm 3: shifted Cholesky-based fixed-rank reconstruction."""
+        Y = self.Y * scale
+        norm = torch.linalg.matrix_norm(Y)
+        if norm == 0:
+            return factor_from_root(torch.zeros_like(Y), self.rank)
+        nu = torch.finfo(DTYPE).eps * Y.shape[0] ** 0.5 * norm
+        Y_nu = Y + nu * self.omega  # (d, s)
+        B = self.omega.T @ Y_nu  # (s, s)
+        C = torch.linalg.cholesky((B + B.T) / 2)  # lower: B = C C^T
+        E = torch.linalg.solve_triangular(C, Y_nu.T, upper=False).T  # Y_nu C^{-T}, (d, s)
+        U, S, _ = torch.linalg.svd(E, full_matrices=False)
+        evals = (S**2 - nu).clamp(min=0)
+        k = min(self.rank, S.shape[0])
+        return Factor(evecs=U[:, :k].contiguous(), evals=evals[:k].contiguous())
+
+
+Accumulator = DenseAccumulator | SvdAccumulator | NystromAccumulator
+
+
+def make_accumulator(
+    dim: int, rank: int, threshold: int, update: str, seed: int = 0, oversample: int = 10
+) -> Accumulator:
+    """Dense below ``threshold`` or when ``rank >= dim``; else the low-rank ``update``
+    ("svd" or "nystrom", the latter with sketch size 2 * rank + oversample)."""
+    if dim < threshold or rank >= dim:
+        return DenseAccumulator(dim)
+    if update == "svd":
+        return SvdAccumulator(dim, rank)
+    if update == "nystrom":
+        return NystromAccumulator(dim, rank, sketch=2 * rank + oversample, seed=seed)
+    raise ValueError(f"unknown low-rank update {update!r}; known: svd, nystrom")

@@ -1,0 +1,130 @@
+"""Linearised-Laplace log marginal likelihood and prior-precision tuning (method.md section 4).
+
+    log Z(lambda) = log p(D | theta*) - lambda/2 ||theta*||^2 + P/2 log lambda
+                    - 1/2 log det(H + lambda I),
+
+with H block-diagonal over modules, H_m = A_m (x) G_m. With eigenvalues a_i of A_m and g_j of G_m,
+log det(H_m + lambda I) = sum_ij log(a_i g_j + lambda) + (P_m - k_a k_g) log lambda, so each
+module contributes -lambda/2 ||theta_m||^2 - 1/2 sum_ij log(1 + a_i g_j / lambda): no P x P matrix.
+The module terms are separable, so a layer-wise prior is tuned module by module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from lalora.laplace.posterior import ModuleFactors, Posterior
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class PriorStructure(StrEnum):
+    SCALAR = "scalar"
+    LAYERWISE = "layerwise"
+
+
+class PriorSearchError(RuntimeError):
+    """The search range does not bracket an optimum: the message names where."""
+
+
+def module_log_det(m: ModuleFactors, prior_precision: float) -> float:
+    """log det(A_m (x) G_m + lambda I), zeros beyond the kept ranks included."""
+    ag = torch.outer(m.a.evals, m.g.evals)  # (k_a, k_g)
+    return float(torch.log(ag + prior_precision).sum()) + (m.n_params - ag.numel()) * math.log(
+        prior_precision
+    )
+
+
+def module_evidence(m: ModuleFactors, prior_precision: float) -> float:
+    """The lambda-dependent part of log Z for one module (stable form)."""
+    ag = torch.outer(m.a.evals, m.g.evals)
+    return -0.5 * prior_precision * m.theta_sq - 0.5 * float(
+        torch.log1p(ag / prior_precision).sum()
+    )
+
+
+def log_marginal_likelihood(
+    post: Posterior, prior_precision: float | dict[str, float] | None = None
+) -> float:
+    """log Z of ``post`` at its prior precision (or the one given: scalar or per module)."""
+    if prior_precision is not None:
+        post = post.with_prior(prior_precision)
+    if not post.prior_precision:
+        raise ValueError("no prior precision: pass one or tune it first")
+    return post.log_likelihood + sum(
+        module_evidence(m, post.prior_precision[n]) for n, m in post.modules.items()
+    )
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    log10_precision: float
+    value: float
+    grid: list[tuple[float, float]]
+
+
+def maximise_log10(
+    objective: Callable[[float], float], lo: float, hi: float, grid: int, where: str
+) -> SearchResult:
+    """Maximise ``objective(log10 lambda)``: a grid, then golden-section search around the best
+    grid point to 1e-8 in log10. Deterministic. Raises if the best point is on the range's edge."""
+    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
+    ys = [objective(x) for x in xs]
+    if not all(math.isfinite(y) for y in ys):
+        raise PriorSearchError(f"{where}: non-finite objective on the prior grid")
+    best = max(range(grid), key=lambda i: ys[i])
+    if best in (0, grid - 1):
+        raise PriorSearchError(
+            f"{where}: the optimum is not bracketed in log10(prior precision) in [{lo}, {hi}] "
+            f"(best at the edge, {xs[best]}); widen prior.log10_min/log10_max"
+        )
+    a, b = xs[best - 1], xs[best + 1]
+    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
+    fc, fd = objective(c), objective(d)
+    while b - a > 1e-8:
+        if fc > fd:
+            b, d, fd = d, c, fc
+            c = b - GOLDEN * (b - a)
+            fc = objective(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + GOLDEN * (b - a)
+            fd = objective(d)
+    x = (a + b) / 2
+    return SearchResult(log10_precision=x, value=objective(x), grid=list(zip(xs, ys, strict=True)))
+
+
+def tune_prior(
+    post: Posterior,
+    structure: PriorStructure | str = PriorStructure.SCALAR,
+    log10_min: float = -4.0,
+    log10_max: float = 6.0,
+    grid: int = 41,
+    where: str = "posterior",
+) -> Posterior:
+    """Maximise log Z over log lambda (scalar, or per module for ``layerwise``)."""
+    structure = PriorStructure(structure)
+    if structure is PriorStructure.SCALAR:
+
+        def objective(x: float) -> float:
+            lam = 10.0**x
+            return sum(module_evidence(m, lam) for m in post.modules.values())
+
+        res = maximise_log10(objective, log10_min, log10_max, grid, where)
+        return post.with_prior(10.0**res.log10_precision)
+    prior = {}
+    for name, m in post.modules.items():
+        res = maximise_log10(
+            lambda x, m=m: module_evidence(m, 10.0**x),
+            log10_min,
+            log10_max,
+            grid,
+            f"{where}, module {name}",
+        )
+        prior[name] = 10.0**res.log10_precision
+    return post.with_prior(prior)

@@ -1,0 +1,195 @@
+"""Linearised Laplace predictive over the answer logits (method.md section 5).
+
+f(x) ~ N(f(x; theta*), J Sigma J^T). Softmax ignores a common shift, so only the K = C - 1
+contrasts d_c = f_c - f_C matter: d ~ N(D mu, D J Sigma J^T D^T). The contrast Jacobians D J need
+one forward and K backward passes per batch; per example and module the Jacobian of contrast c is
+the matrix J_c = sum_t g_{t,c} a_t^T (d_out, d_in), read from per-example (not batch-summed)
+activations and output gradients. With A = Q_A diag(a) Q_A^T, G = Q_G diag(g) Q_G^T and
+Sigma_m = (A (x) G + lambda I)^-1:
+
+    cov(c, c') = 1/lambda <J_c, J_c'>_F
+                 + sum_ij (Q_G^T J_c Q_A)_ji (Q_G^T J_c' Q_A)_ji (1/(a_i g_j + lambda) - 1/lambda).
+
+:func:`jacobian_features` stores, per example, <J_c, J_c'>_F (K, K) and the projections
+Q_G^T J_c Q_A (K, k_g, k_a) per module, so the covariance at any prior precision is cheap
+(:func:`logit_covariance`): validation-NLL tuning reuses one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
+from lalora.laplace.kfac import LogitsFn, NonFiniteError
+from lalora.laplace.posterior import Posterior
+
+
+class Link(StrEnum):
+    MC = "mc"
+    PROBIT = "probit"
+
+
+@dataclass(frozen=True)
+class JacobianFeatures:
+    """``mean`` (N, C) MAP logits; per module ``frob`` (N, K, K) and ``proj`` (N, K, k_g, k_a)."""
+
+    mean: Tensor
+    frob: dict[str, Tensor]
+    proj: dict[str, Tensor]
+
+
+def contrast_matrix(C: int) -> Tensor:
+    """D (K, C) with rows e_c - e_C, K = C - 1."""
+    return torch.cat([torch.eye(C - 1), -torch.ones(C - 1, 1)], dim=1).double()
+
+
+def jacobian_features(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    post: Posterior,
+    progress: bool = False,
+    total: int | None = None,
+) -> JacobianFeatures:
+    """One forward and C - 1 backward passes per batch; see the module docstring."""
+    means: list[Tensor] = []
+    frob: dict[str, list[Tensor]] = {n: [] for n in modules}
+    proj: dict[str, list[Tensor]] = {n: [] for n in modules}
+    jac: dict[str, list[Tensor]] = {n: [] for n in modules}
+
+    def on_grad(name: str, a: Tensor, g: Tensor) -> None:
+        # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
+        jac[name].append(torch.einsum("bto,bti->boi", g.double(), a.double()))
+
+    was_training = model.training
+    model.eval()
+    with lora_grad_enabled(modules) as params, Tap(modules, on_grad) as tap:
+        for b, batch in enumerate(
+            tqdm(batches, desc="jacobians", disable=not progress, total=total)
+        ):
+            tap.mask = getattr(batch, "attention_mask", None)
+            logits = logits_fn(model, batch)  # (B, C)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(f"non-finite logits in batch {b}")
+            B, C = logits.shape
+            D = contrast_matrix(C)  # (K, C)
+            vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
+            output_gradients(logits, vectors, params)
+            means.append(logits.detach().double())
+            for name in modules:
+                J = torch.stack(jac[name], dim=1)  # (B, K, d_out, d_in)
+                jac[name].clear()
+                m = post.modules[name]
+                frob[name].append(torch.einsum("bkoi,bloi->bkl", J, J))
+                JQa = J @ m.a.evecs  # (B, K, d_out, k_a)
+                proj[name].append(torch.einsum("og,bkoa->bkga", m.g.evecs, JQa))
+    model.train(was_training)
+    return JacobianFeatures(
+        mean=torch.cat(means),
+        frob={n: torch.cat(v) for n, v in frob.items()},
+        proj={n: torch.cat(v) for n, v in proj.items()},
+    )
+
+
+def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
+    """Covariance (N, K, K) of the logit contrasts at the posterior's prior precision."""
+    if not post.prior_precision:
+        raise ValueError("the posterior has no prior precision; tune it first")
+    cov = None
+    for name, m in post.modules.items():
+        lam = post.prior_precision[name]
+        w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam) - 1.0 / lam  # (k_g, k_a)
+        P = features.proj[name]  # (N, K, k_g, k_a)
+        term = features.frob[name] / lam + torch.einsum("nkga,nlga,ga->nkl", P, P, w)
+        cov = term if cov is None else cov + term
+    return (cov + cov.transpose(1, 2)) / 2
+
+
+def predictive_probs(
+    mean: Tensor,
+    cov: Tensor,
+    link: Link | str = Link.MC,
+    samples: int = 10000,
+    seed: int = 0,
+    chunk: int = 256,
+) -> Tensor:
+    """Predictive probabilities (N, C) from MAP logits ``mean`` (N, C) and the contrast
+    covariance ``cov`` (N, K, K).
+
+    ``mc``: average of softmax([d, 0]) over ``samples`` draws d ~ N(D mu, cov) (seeded).
+    ``probit``: softmax([D mu / sqrt(1 + pi/8 diag(cov)), 0]); for two choices this is the
+    binary probit sigmoid(mu_d / sqrt(1 + pi/8 var_d)) (MacKay 1992).
+    """
+    link = Link(link)
+    mean = mean.double()
+    mu = mean[:, :-1] - mean[:, -1:]  # (N, K)
+    zero = mu.new_zeros(mu.shape[0], 1)
+    if link is Link.PROBIT:
+        kappa = 1.0 / torch.sqrt(1.0 + math.pi / 8.0 * torch.diagonal(cov, dim1=1, dim2=2))
+        return torch.softmax(torch.cat([mu * kappa, zero], dim=1), dim=1)
+    evals, evecs = torch.linalg.eigh(cov)  # robust square root of a PSD matrix
+    root = evecs * evals.clamp(min=0).sqrt()[:, None, :]  # (N, K, K)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, mu.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        n = mu[sl].shape[0]
+        eps = torch.randn(n, samples, mu.shape[1], generator=gen, dtype=torch.float64)
+        d = mu[sl, None, :] + torch.einsum("nkj,nsj->nsk", root[sl], eps)  # (n, S, K)
+        d = torch.cat([d, d.new_zeros(n, samples, 1)], dim=2)
+        out.append(torch.softmax(d, dim=2).mean(dim=1))
+    return torch.cat(out)
+
+
+def predict(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    post: Posterior,
+    link: Link | str = Link.MC,
+    samples: int = 10000,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Laplace predictive probabilities (N, C) and the contrast covariance (N, K, K)."""
+    feats = jacobian_features(model, batches, logits_fn, modules, post, progress)
+    cov = logit_covariance(feats, post)
+    return predictive_probs(feats.mean, cov, link, samples, seed), cov
+
+
+def nll(probs: Tensor, labels: Tensor) -> float:
+    return float(-probs.gather(1, labels[:, None]).clamp(min=1e-300).log().mean())
+
+
+def tune_prior_nll(
+    features: JacobianFeatures,
+    labels: Tensor,
+    post: Posterior,
+    link: Link | str = Link.PROBIT,
+    samples: int = 1000,
+    seed: int = 0,
+    log10_min: float = -4.0,
+    log10_max: float = 6.0,
+    grid: int = 41,
+    where: str = "posterior",
+) -> Posterior:
+    """Scalar prior precision minimising the validation NLL of the linearised predictive."""
+    from lalora.laplace.marglik import maximise_log10
+
+    def objective(x: float) -> float:
+        p = post.with_prior(10.0**x)
+        probs = predictive_probs(features.mean, logit_covariance(features, p), link, samples, seed)
+        return -nll(probs, labels)
+
+    res = maximise_log10(objective, log10_min, log10_max, grid, where)
+    return post.with_prior(10.0**res.log10_precision)

