@@ -201,7 +201,8 @@ def answer_logits(model: nn.Module, batch: Batch, answer_ids: list[int]) -> Tens
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     h_last = hidden[rows, last_positions(mask)]  # (B, H)
     logits = base.get_output_embeddings()(h_last)  # (B, V)
-    return logits[:, answer_ids].float()  # (B, C)
+    out = logits[:, answer_ids]  # (B, C)
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:

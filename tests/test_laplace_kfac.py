@@ -1,0 +1,182 @@
+"""Kronecker factors against dense GGN blocks, curvlinops, and invariances (method.md 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cases import (
+    XBatch,
+    dense_ggn,
+    dense_jacobian,
+    llama_batch,
+    llama_case,
+    llama_logits_fn,
+    mlp_case,
+    mlp_logits,
+    report_close,
+)
+from lalora.laplace import fit_kfac
+from lalora.laplace.kfac import exact_fisher_root, fisher_root
+from lalora.models import lora_modules
+
+
+def mlp_data(n: int, C: int, seed: int = 1) -> XBatch:
+    gen = torch.Generator().manual_seed(seed)
+    return XBatch(
+        torch.randn(n, 5, generator=gen, dtype=torch.float64),
+        torch.randint(0, C, (n,), generator=gen),
+    )
+
+
+def split(b: XBatch, sizes: list[int]) -> list[XBatch]:
+    out, start = [], 0
+    for s in sizes:
+        out.append(XBatch(b.x[start : start + s], b.labels[start : start + s]))
+        start += s
+    return out
+
+
+def full_factors(post, name):
+    m = post.modules[name]
+    return m.a.dense(), m.g.dense()
+
+
+@pytest.mark.parametrize("C", [2, 4])
+def test_exact_fisher_root_squares_to_softmax_hessian(C):
+    logits = torch.randn(7, C, dtype=torch.float64)
+    S = exact_fisher_root(logits)
+    assert S.shape == (7, C, C - 1)
+    p = torch.softmax(logits, -1)
+    lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    report_close(S @ S.transpose(1, 2), lam, atol=1e-14)
+
+
+@pytest.mark.parametrize("C", [2, 4])
+def test_one_datum_kfac_equals_ggn_block(C):
+    """With one datum and T = 1, A (x) G is the exact GGN block of each module."""
+    model = mlp_case(C=C)
+    mods = lora_modules(model)
+    batch = mlp_data(1, C)
+    post = fit_kfac(model, [batch], mlp_logits, mods, threshold=10**6)
+    names = list(mods)
+    J = dense_jacobian(model, batch, mlp_logits, names)
+    ggn = dense_ggn(J, model(batch.x).detach())
+    start = 0
+    for name in names:
+        A, G = full_factors(post, name)
+        P = A.shape[0] * G.shape[0]
+        block = ggn[start : start + P, start : start + P]
+        start += P
+        # torch weights are row-major (d_out, d_in): vec_row(W) ordering gives G (x) A
+        report_close(torch.kron(G, A), block, atol=1e-12)
+
+
+@pytest.mark.parametrize("C", [2, 4])
+def test_factors_equal_curvlinops_type2_expand(C):
+    """Ours (C - 1 passes) against curvlinops' KFAC (C passes, type-2, expand, sum loss)."""
+    from curvlinops import KFACLinearOperator
+
+    model = llama_case()
+    mods = lora_modules(model)
+    logits_fn = llama_logits_fn(C)
+    batches = [llama_batch([6, 6, 6], C=C, seed=s) for s in range(2)]
+    post = fit_kfac(model, batches, logits_fn, mods, threshold=10**6)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, ids):
+            from lalora.models import Batch
+
+            return logits_fn(self.net, Batch(ids, torch.ones_like(ids), torch.zeros(len(ids))))
+
+    clf = Classifier()
+    params = [m.weight for m in mods.values()]
+    for p in params:
+        p.requires_grad_(True)
+    kfac = KFACLinearOperator(
+        clf, torch.nn.CrossEntropyLoss(reduction="sum"), params,
+        [(b.input_ids, b.labels) for b in batches],
+        fisher_type="type-2", kfac_approx="expand", check_deterministic=False,
+    )
+    kfac.compute_kronecker_factors()
+    for name in mods:
+        A, G = full_factors(post, name)
+        report_close(A, kfac._input_covariances[f"net.{name}"], rtol=1e-9, atol=1e-12)
+        report_close(G, kfac._gradient_covariances[f"net.{name}"], rtol=1e-9, atol=1e-12)
+
+
+def test_batch_invariance_and_repetition():
+    model = mlp_case(C=4)
+    mods = lora_modules(model)
+    data = mlp_data(12, 4)
+    whole = fit_kfac(model, [data], mlp_logits, mods, threshold=10**6)
+    parts = fit_kfac(model, split(data, [5, 4, 3]), mlp_logits, mods, threshold=10**6)
+    rep = fit_kfac(model, [data, data, data], mlp_logits, mods, threshold=10**6)
+    for name in mods:
+        A1, G1 = full_factors(whole, name)
+        A2, G2 = full_factors(parts, name)
+        A3, G3 = full_factors(rep, name)
+        report_close(A2, A1)
+        report_close(G2, G1)
+        # a datum repeated k times scales A (x) G by k (A is a mean, G a sum)
+        report_close(torch.kron(A3, G3), 3 * torch.kron(A1, G1), atol=1e-11)
+    assert rep.n_data == 36
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_one_pass_fishers_are_outer_products_of_loss_gradients(fisher):
+    logits = torch.randn(5, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    v = fisher_root(logits, labels, fisher, torch.Generator().manual_seed(0))
+    assert v.shape == (5, 3, 1)
+    if fisher == "empirical":  # the gradient of the cross-entropy w.r.t. the logits
+        g = torch.func.grad(
+            lambda f: torch.nn.functional.cross_entropy(f, labels, reduction="sum")
+        )(logits)
+        report_close(v[:, :, 0], g)
+
+
+def test_padding_contributes_nothing_left_or_right():
+    model = llama_case()
+    mods = lora_modules(model)
+    fn = llama_logits_fn(2)
+    lengths = [3, 7, 5]
+    right = llama_batch(lengths, seed=3, padding_side="right")
+    left = llama_batch(lengths, seed=3, padding_side="left")
+    singles = [llama_batch([n], seed=0) for n in lengths]
+    for i, n in enumerate(lengths):  # the same sequences, one per batch, no padding
+        sl = right.attention_mask[i].bool()
+        singles[i] = type(right)(right.input_ids[i : i + 1, sl], right.attention_mask[i : i + 1, sl],
+                                 right.labels[i : i + 1])
+    p_right = fit_kfac(model, [right], fn, mods, threshold=10**6)
+    p_left = fit_kfac(model, [left], fn, mods, threshold=10**6)
+    p_single = fit_kfac(model, singles, fn, mods, threshold=10**6)
+    for name in mods:
+        for other in (p_left, p_single):
+            A1, G1 = full_factors(p_right, name)
+            A2, G2 = full_factors(other, name)
+            report_close(A2, A1, atol=1e-12)
+            report_close(G2, G1, atol=1e-12)
+        assert p_right.modules[name].n_rows in (sum(lengths), len(lengths))
+
+
+@pytest.mark.parametrize("update", ["svd", "nystrom"])
+def test_zero_gradients_give_valid_factors(update):
+    """At step 0 LoRA B is zero, so every LoRA-A output gradient is zero."""
+    model = llama_case()
+    mods = lora_modules(model)
+    with torch.no_grad():
+        for name, m in mods.items():
+            if ".lora_B." in name:
+                m.weight.zero_()
+    post = fit_kfac(model, [llama_batch([4, 6])], llama_logits_fn(2), mods, rank=2, threshold=4,
+                    update=update)
+    for name, m in post.modules.items():
+        for f in (m.a, m.g):
+            assert torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()
+        if ".lora_A." in name:
+            assert float(m.g.evals.abs().max()) == 0.0
