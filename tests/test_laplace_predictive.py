@@ -1,0 +1,172 @@
+"""Marginal likelihood, prior tuning and the linearised predictive against dense formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cases import dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
+from lalora.laplace import (
+    JacobianFeatures,
+    PriorSearchError,
+    fit_kfac,
+    jacobian_features,
+    log_marginal_likelihood,
+    logit_covariance,
+    predict,
+    predictive_probs,
+    tune_prior,
+)
+from lalora.laplace.posterior import Posterior, dense_precision
+from lalora.laplace.predictive import contrast_matrix, tune_prior_nll
+from lalora.models import lora_modules
+
+
+def setup(C: int, threshold: int = 10**6, rank: int = 10, update: str = "svd"):
+    model = llama_case()
+    mods = lora_modules(model)
+    fn = llama_logits_fn(C)
+    train = [llama_batch([5, 7, 4], C=C, seed=s) for s in range(3)]
+    post = fit_kfac(model, train, fn, mods, threshold=threshold, rank=rank, update=update)
+    return model, mods, fn, post
+
+
+def dense_log_z(post: Posterior, lam: float) -> float:
+    post = post.with_prior(lam)
+    logdet = sum(torch.linalg.slogdet(dense_precision(post, n))[1] for n in post.modules)
+    P = post.n_params
+    return post.log_likelihood - lam / 2 * post.theta_sq + P / 2 * math.log(lam) - float(logdet) / 2
+
+
+@pytest.mark.parametrize(("threshold", "update"), [(10**6, "svd"), (8, "svd"), (8, "nystrom")])
+def test_log_marginal_likelihood_equals_dense(threshold, update):
+    _, _, _, post = setup(2, threshold=threshold, rank=3, update=update)
+    for lam in (1e-2, 1.0, 37.0):
+        assert log_marginal_likelihood(post, lam) == pytest.approx(dense_log_z(post, lam), rel=1e-10)
+
+
+def test_tuned_prior_maximises_dense_log_z():
+    _, _, _, post = setup(2)
+    tuned = tune_prior(post)
+    lam = next(iter(tuned.prior_precision.values()))
+    best = dense_log_z(post, lam)
+    for factor in (0.99, 1.01):
+        assert best > dense_log_z(post, lam * factor)
+    h = 1e-4  # derivative w.r.t. log lambda vanishes at the optimum
+    slope = (dense_log_z(post, lam * math.exp(h)) - dense_log_z(post, lam * math.exp(-h))) / (2 * h)
+    assert abs(slope) < 1e-4
+
+
+def test_layerwise_prior_is_per_module_and_beats_scalar():
+    _, _, _, post = setup(2)
+    scalar = tune_prior(post)
+    layer = tune_prior(post, structure="layerwise", log10_min=-8, log10_max=10)
+    assert len(set(layer.prior_precision.values())) > 1
+    assert log_marginal_likelihood(layer) >= log_marginal_likelihood(scalar) - 1e-9
+
+
+def test_unbracketed_prior_search_names_where():
+    _, _, _, post = setup(2)
+    with pytest.raises(PriorSearchError, match="checkpoint 7.*not bracketed"):
+        tune_prior(post, log10_min=5.0, log10_max=6.0, grid=5, where="checkpoint 7")
+
+
+@pytest.mark.parametrize("C", [2, 4])
+@pytest.mark.parametrize("threshold", [10**6, 8])
+def test_predictive_covariance_equals_dense(C, threshold):
+    model, mods, fn, post = setup(C, threshold=threshold, rank=3)
+    post = post.with_prior(0.7)
+    test = llama_batch([6, 3, 8], C=C, seed=11)
+    feats = jacobian_features(model, [test], fn, mods, post)
+    cov = logit_covariance(feats, post)  # (N, K, K)
+    names = list(mods)
+    J = dense_jacobian(model, test, fn, names)  # (N, C, P), row-major per module
+    blocks = []
+    for n in names:
+        m = post.modules[n]
+        prec = torch.kron(m.g.dense(), m.a.dense()) + 0.7 * torch.eye(m.n_params, dtype=torch.float64)
+        blocks.append(torch.linalg.inv(prec))
+    sigma = torch.block_diag(*blocks)
+    full = J @ sigma @ J.transpose(1, 2)  # (N, C, C): C full logit passes
+    D = contrast_matrix(C)
+    report_close(cov, D @ full @ D.T, rtol=1e-8, atol=1e-12)
+    report_close(feats.mean, fn(model, test).detach(), atol=1e-12)
+    # probabilities from the C - 1 contrasts equal those from all C logits (shift invariance)
+    gen = torch.Generator().manual_seed(0)
+    L = torch.linalg.cholesky(full + 1e-12 * torch.eye(C, dtype=torch.float64))
+    eps = torch.randn(3, 200000, C, generator=gen, dtype=torch.float64)
+    f = feats.mean[:, None, :] + torch.einsum("ncj,nsj->nsc", L, eps)
+    p_full = torch.softmax(f, -1).mean(1)
+    p_ours = predictive_probs(feats.mean, cov, "mc", samples=200000, seed=1)
+    report_close(p_ours, p_full, atol=5e-3)
+
+
+def test_mc_converges_to_analytic_expectation_and_probit_formula():
+    mean = torch.tensor([[1.3, -0.2], [-2.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    var = torch.tensor([0.5, 4.0, 9.0], dtype=torch.float64)
+    cov = var[:, None, None]
+    mu = mean[:, 0] - mean[:, 1]
+    x, w = np.polynomial.hermite_e.hermegauss(120)  # E[sigmoid(mu + s z)], z ~ N(0, 1)
+    exact = torch.tensor(
+        [float(np.sum(w * (1 / (1 + np.exp(-(m + math.sqrt(v) * x)))))) / math.sqrt(2 * math.pi)
+         for m, v in zip(mu.tolist(), var.tolist(), strict=True)],
+        dtype=torch.float64,
+    )
+    errs = [
+        float((predictive_probs(mean, cov, "mc", samples=s, seed=3)[:, 0] - exact).abs().max())
+        for s in (100, 10000, 1000000)
+    ]
+    assert errs[2] < errs[0] and errs[2] < 2e-3, errs
+    probit = predictive_probs(mean, cov, "probit")
+    report_close(probit[:, 0], torch.sigmoid(mu / torch.sqrt(1 + math.pi / 8 * var)), atol=1e-15)
+    report_close(probit.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-15)
+
+
+def test_padding_invariance_of_predictions():
+    model, mods, fn, post = setup(2, threshold=8, rank=3)
+    post = post.with_prior(2.0)
+    right = llama_batch([3, 8, 5], seed=5, padding_side="right")
+    left = llama_batch([3, 8, 5], seed=5, padding_side="left")
+    p1, c1 = predict(model, [right], fn, mods, post, link="probit")
+    p2, c2 = predict(model, [left], fn, mods, post, link="probit")
+    report_close(c2, c1, rtol=1e-9, atol=1e-12)
+    report_close(p2, p1, atol=1e-12)
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    model, mods, fn, post = setup(4, threshold=8, rank=3)
+    post = tune_prior(post)
+    post.save(tmp_path / "post")
+    loaded = Posterior.load(tmp_path / "post")
+    assert loaded.prior_precision == post.prior_precision
+    assert loaded.n_params == post.n_params and loaded.n_data == post.n_data
+    test = llama_batch([4, 6], C=4, seed=2)
+    p1, c1 = predict(model, [test], fn, mods, post, samples=1000)
+    p2, c2 = predict(model, [test], fn, mods, loaded, samples=1000)
+    assert torch.equal(p1, p2) and torch.equal(c1, c2)
+
+
+def test_validation_nll_tuning_finds_the_grid_minimum():
+    from lalora.laplace.predictive import nll
+
+    model, mods, fn, post = setup(2)
+    val = llama_batch([5, 6, 7, 4, 6, 5, 3, 7], seed=9)
+    feats = jacobian_features(model, [val], fn, mods, post)
+    # an overconfident MAP (logits scaled up) that is wrong on its surest example
+    feats = JacobianFeatures(mean=20 * feats.mean, frob=feats.frob, proj=feats.proj)
+    margin = feats.mean[:, 0] - feats.mean[:, 1]
+    labels = (margin < 0).long()  # right where the MAP is unsure, wrong where it is surest
+    worst = int(margin.abs().argmax())
+    labels[worst] = 1 - labels[worst]
+
+    def val_nll(lam: float) -> float:
+        p = post.with_prior(lam)
+        return nll(predictive_probs(feats.mean, logit_covariance(feats, p), "probit"), labels)
+
+    tuned = tune_prior_nll(feats, labels, post, link="probit", log10_min=-6, log10_max=8)
+    lam = next(iter(tuned.prior_precision.values()))
+    grid = [10.0**x for x in np.linspace(-6, 8, 281)]
+    assert val_nll(lam) <= min(val_nll(g) for g in grid) + 1e-12
