@@ -8,7 +8,8 @@ or the rank is at least d, else k = rank (low-rank). Three accumulators share on
 - :class:`DenseAccumulator`: F += rows^T rows in float64 (exact).
 - :class:`SvdAccumulator`: the paper's incremental SVD (Yang et al. 2024): L (d, k) with
   L L^T ~ F; per update, L <- top-k left singular vectors of [L, rows^T] times their singular
-  values. Cost O(d (k + m)^2) per update; exact while rank(F) <= k.
+  values, computed through the (k + m) x (k + m) Gram matrix. Cost O(d (k + m)^2) per update;
+  exact while rank(F) <= k.
 - :class:`NystromAccumulator`: a streaming Nystrom sketch Y = F Omega (Tropp, Yurtsever, Udell,
   Cevher 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"),
   Omega (d, s) an orthonormalised Gaussian test matrix, s = sketch size >= k. Cost O(d m s) per
@@ -95,9 +96,12 @@ class SvdAccumulator:
         if rows.shape[0] == 0:
             return
         M = torch.cat([self.L, rows.T], dim=1)  # (d, k + m)
-        U, S, _ = torch.linalg.svd(M, full_matrices=False)
-        k = min(self.rank, S.shape[0])
-        self.L = U[:, :k] * S[:k]
+        # top-k of the SVD M = U S V^T through the small Gram matrix M^T M = V S^2 V^T:
+        # U_k S_k = M V_k. All BLAS-3 in float64; the squared condition number only affects
+        # singular values far below the top k, which are discarded.
+        evals, V = torch.linalg.eigh(M.T @ M)  # ascending, (k + m,)
+        k = min(self.rank, evals.shape[0])
+        self.L = M @ V[:, -k:].flip(1)  # (d, k), columns U_j S_j
 
     def finalize(self, scale: float = 1.0) -> Factor:
         return factor_from_root(self.L * scale**0.5, self.rank)
