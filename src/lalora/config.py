@@ -263,3 +263,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"params file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     return _from_dict(Params, raw, "")
+
+
+def compose(conf_dir: str | Path = "conf", overrides: list[str] | None = None) -> dict:
+    """The Hydra composition of ``conf/`` as DVC writes it into params.yaml
+    (``dvc config hydra.enabled true``; ``dvc exp run -S model=phi2`` adds overrides)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,74 @@
+"""Helpers the pipeline stages share: artifact paths, batching, loading an adapted model.
+
+Artifact layout (``dvc.yaml`` names the same paths):
+
+    data/{train,val,test}.jsonl                prepared prompts (first line: answer strings)
+    models/<model>/checkpoints/step-<N>/       training checkpoints (adapter + trainer state)
+    models/<model>/adapters/step-<N>/          exported PEFT adapters
+    models/<model>/kfac/step-<N>/              Kronecker factors (posterior without prior)
+    models/<model>/prior/step-<N>.json         tuned prior precision and log Z
+    metrics/checkpoints/<model>/step-<N>.json  MAP and Laplace metrics of one checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lalora.config import ModelCard
+from lalora.data import Example
+from lalora.models import Batch, answer_logits, encode, load_adapter, load_card_model
+
+
+def batches(
+    tokenizer, examples: list[Example] | tuple[Example, ...], batch_size: int, max_length: int
+) -> Iterator[Batch]:
+    """Consecutive tokenised batches of ``examples`` (right padding)."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield encode(tokenizer, [e.prompt for e in chunk], [e.label for e in chunk], max_length)
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
+def logits_fn(answer_ids: list[int]):
+    """The classifier for the Laplace library: ``(model, batch) -> (B, C)``."""
+    return lambda model, batch: answer_logits(model, batch, answer_ids)
+
+
+def load_adapted(card: ModelCard, adapter_dir: Path, seed: int = 0):
+    """Tokenizer and the base model with an exported adapter loaded, in eval mode."""
+    tok, base = load_card_model(card, seed=seed)
+    model = load_adapter(base, adapter_dir)
+    model.eval()
+    return tok, model
+
+
+def fingerprint(*parts: object) -> str:
+    """A stable hash of configs (dataclasses or json-able values) and file contents."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            h.update(part.read_bytes())
+        elif hasattr(part, "__dataclass_fields__"):
+            h.update(json.dumps(asdict(part), sort_keys=True, default=str).encode())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def map_probs(model, tokenizer, examples, answer_ids: list[int], batch_size: int, max_length: int):
+    """MAP predictive probabilities (N, C): softmax of the answer logits, no gradients."""
+    out = [
+        torch.softmax(answer_logits(model, b, answer_ids).double(), -1)
+        for b in batches(tokenizer, examples, batch_size, max_length)
+    ]
+    return torch.cat(out)

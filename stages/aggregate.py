@@ -1,0 +1,35 @@
+"""Stage aggregate: Tables 2-3, the summary metric, plot csv files, Figure 1, reliability."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lalora.config import load_params
+from lalora.report import write_all
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--results", type=Path, required=True, help="metrics/<model>/ folders")
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params(args.params)
+    results = []
+    for model in params.models:
+        for step in params.checkpoints:
+            path = args.results / model / f"step-{step}.json"
+            if not path.exists():
+                raise SystemExit(f"missing evaluation result {path}")
+            results.append(json.loads(path.read_text()))
+    dataset = params.data.name if params.data.name != "winogrande" else "WG-" + (
+        params.data.train_split.removeprefix("train_").upper()
+    )
+    write_all(results, list(params.models), dataset, args.metrics, args.plots)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Stage evaluate@<model>-<step>: MAP and linearised-Laplace metrics on the test split.
+
+One forward and C - 1 backward passes per batch give both the MAP logits and the Jacobian
+features of the Laplace predictive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from lalora.config import load_params
+from lalora.data import read_split
+from lalora.io import atomic_write_json
+from lalora.laplace.posterior import Posterior
+from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
+from lalora.metrics import score
+from lalora.models import answer_token_ids, lora_modules
+from lalora.pipeline import batches, load_adapted, logits_fn, n_batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--step", type=int, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--kfac", type=Path, required=True)
+    parser.add_argument("--prior", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    cfg, pred = params.evaluate, params.predictive
+    prior = json.loads(args.prior.read_text())
+    post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
+    split = read_split(args.data)
+    examples = list(split.examples)
+    tok, model = load_adapted(params.card(args.model), args.adapter)
+    feats = jacobian_features(
+        model,
+        batches(tok, examples, cfg.batch_size, params.finetune.max_length),
+        logits_fn(answer_token_ids(tok, split.answers)),
+        lora_modules(model),
+        post,
+        progress=True,
+        total=n_batches(len(examples), cfg.batch_size),
+    )
+    labels = torch.tensor([e.label for e in examples])
+    cov = logit_covariance(feats, post)
+    probs = {
+        "map": torch.softmax(feats.mean, -1),
+        "laplace": predictive_probs(feats.mean, cov, pred.link, pred.samples, pred.seed),
+    }
+    result = {"model": args.model, "step": args.step}
+    for method, p in probs.items():
+        result[method] = score(p, labels, cfg.ece_bins).to_dict()
+    result["prior_precision"] = prior["prior_precision"]
+    result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
+    result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())
+    atomic_write_json(args.out, result)
+    print(
+        f"{args.model} step {args.step}: "
+        + ", ".join(f"{m} acc={result[m]['acc']:.3f} nll={result[m]['nll']:.3f} "
+                    f"ece={result[m]['ece']:.3f}" for m in probs)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Stage finetune@<model>: LoRA fine-tuning with checkpoints at step 0 and every interval."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.config import load_params
+from lalora.data import read_split
+from lalora.finetune import train
+from lalora.io import atomic_write_text
+from lalora.models import answer_token_ids, attach_lora, load_card_model
+from lalora.pipeline import fingerprint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", type=Path, required=True, help="prepared train split (jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder")
+    parser.add_argument("--loss-csv", type=Path, required=True)
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    card = params.card(args.model)
+    split = read_split(args.data)
+    tok, base = load_card_model(card, seed=params.finetune.seed)
+    model = attach_lora(base, card, seed=params.finetune.seed)
+    run_id = fingerprint(card, params.finetune, args.data)
+    result = train(
+        model, tok, list(split.examples), answer_token_ids(tok, split.answers), params.finetune,
+        args.out, run_id,
+    )
+    rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in result.losses]
+    atomic_write_text(args.loss_csv, "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Stage fit_kfac@<model>-<step>: Kronecker factors of the LoRA weights on the training split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.config import load_params
+from lalora.data import read_split
+from lalora.io import publish_dir, staging_dir
+from lalora.laplace.kfac import NonFiniteError, fit_kfac
+from lalora.models import answer_token_ids, lora_modules
+from lalora.pipeline import batches, load_adapted, logits_fn, n_batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    cfg = params.kfac
+    split = read_split(args.data)
+    tok, model = load_adapted(params.card(args.model), args.adapter)
+    examples = list(split.examples)
+    try:
+        post = fit_kfac(
+            model,
+            batches(tok, examples, cfg.batch_size, params.finetune.max_length),
+            logits_fn(answer_token_ids(tok, split.answers)),
+            lora_modules(model),
+            fisher=cfg.fisher, rank=cfg.rank, threshold=cfg.threshold, update=cfg.update,
+            seed=cfg.seed, progress=True, total=n_batches(len(examples), cfg.batch_size),
+        )
+    except NonFiniteError as err:
+        raise SystemExit(f"fit_kfac {args.model} ({args.adapter}): {err}") from None
+    tmp = staging_dir(args.out)
+    post.save(tmp)
+    publish_dir(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Stage tune_prior@<model>-<step>: prior precision by marginal likelihood or validation NLL."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.config import load_params
+from lalora.io import atomic_write_json
+from lalora.laplace.marglik import PriorSearchError, log_marginal_likelihood, tune_prior
+from lalora.laplace.posterior import Posterior
+
+
+def tune_on_validation(params, args, post: Posterior) -> Posterior:
+    """Validation-NLL tuning: one Jacobian pass over the validation split, then a 1-D search."""
+    from lalora.data import read_split
+    from lalora.laplace.predictive import jacobian_features, tune_prior_nll
+    from lalora.models import answer_token_ids, lora_modules
+    from lalora.pipeline import batches, load_adapted, logits_fn
+
+    if params.prior.structure != "scalar":
+        raise SystemExit("prior.method val_nll supports prior.structure scalar only")
+    split = read_split(args.val)
+    if not split.examples:
+        raise SystemExit("prior.method val_nll needs a validation split: set data.val_size > 0")
+    tok, model = load_adapted(params.card(args.model), args.adapter)
+    examples = list(split.examples)
+    feats = jacobian_features(
+        model,
+        batches(tok, examples, params.evaluate.batch_size, params.finetune.max_length),
+        logits_fn(answer_token_ids(tok, split.answers)),
+        lora_modules(model),
+        post,
+    )
+    import torch
+
+    labels = torch.tensor([e.label for e in examples])
+    pred = params.predictive
+    return tune_prior_nll(
+        feats, labels, post, pred.link, pred.samples, pred.seed,
+        params.prior.log10_min, params.prior.log10_max, params.prior.grid, where=args.where,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kfac", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--val", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.where = f"tune_prior {args.model} ({args.kfac})"
+
+    params = load_params(args.params)
+    post = Posterior.load(args.kfac)
+    try:
+        if params.prior.method == "marglik":
+            tuned = tune_prior(
+                post, params.prior.structure, params.prior.log10_min, params.prior.log10_max,
+                params.prior.grid, where=args.where,
+            )
+        else:
+            tuned = tune_on_validation(params, args, post)
+    except PriorSearchError as err:
+        raise SystemExit(str(err)) from None
+    values = list(tuned.prior_precision.values())
+    atomic_write_json(
+        args.out,
+        {
+            "method": params.prior.method,
+            "structure": params.prior.structure,
+            "prior_precision": values[0] if params.prior.structure == "scalar" else None,
+            "prior_precision_by_module": tuned.prior_precision,
+            "log_marginal_likelihood": log_marginal_likelihood(tuned),
+            "n_params": tuned.n_params,
+            "n_data": tuned.n_data,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

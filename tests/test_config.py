@@ -1,0 +1,73 @@
+"""Params: composition of conf/, typed sections, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lalora.config import (
+    ConfigError,
+    FinetuneConfig,
+    KfacConfig,
+    ModelCard,
+    Params,
+    compose,
+    load_params,
+    load_section,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_params_equal_the_composition_of_defaults():
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose(ROOT / "conf")
+
+
+def test_every_config_group_option_composes_and_loads():
+    for group in ("model", "data"):
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            raw = compose(ROOT / "conf", [f"{group}={path.stem}"])
+            params = load_section(Params, raw, "")
+            assert params.models and all(m in params.zoo for m in params.models)
+
+
+def test_overrides_compose_as_dvc_exp_run_does():
+    raw = compose(ROOT / "conf", ["model=paper", "finetune.lr=1e-4"])
+    params = load_section(Params, raw, "")
+    assert params.models == ("llama2-7b", "llama3-8b", "phi2", "phi3-mini")
+    assert params.finetune.lr == 1e-4
+    assert params.card("phi3-mini").targets == ("qkv_proj",)
+
+
+def test_unknown_key_wrong_type_and_unknown_model_are_named():
+    with pytest.raises(ConfigError, match=r"finetune: unknown key\(s\) \['lrr'\]"):
+        load_section(FinetuneConfig, {"lrr": 1.0}, "finetune")
+    with pytest.raises(ConfigError, match="finetune.batch_size: expected int, got str"):
+        load_section(FinetuneConfig, {"batch_size": "6"}, "finetune")
+    with pytest.raises(ConfigError, match=r"kfac.update: 'qr' is not one of"):
+        load_section(KfacConfig, {"update": "qr"}, "kfac")
+    raw = compose(ROOT / "conf")
+    raw["models"] = ["gpt5"]
+    with pytest.raises(ConfigError, match="unknown model 'gpt5'"):
+        load_section(Params, raw, "")
+
+
+def test_checkpoints_must_match_the_schedule(tmp_path):
+    raw = compose(ROOT / "conf")
+    raw["checkpoints"] = [0, 50]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="checkpoints"):
+        load_params(path)
+    with pytest.raises(ConfigError, match="multiple"):
+        FinetuneConfig(steps=10, save_every=3)
+
+
+def test_cards_validate_their_source():
+    with pytest.raises(ConfigError, match="repo"):
+        ModelCard(source="hub")
+    with pytest.raises(ConfigError, match="arch"):
+        ModelCard(source="tiny")
