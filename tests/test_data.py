@@ -1,0 +1,100 @@
+"""Data: prompts, the generated task, local WinoGrande files, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lalora.config import DataConfig
+from lalora.data import (
+    WINOGRANDE_PROMPT,
+    DataError,
+    generate_comparisons,
+    load_splits,
+    load_winogrande_local,
+    read_split,
+    split_validation,
+    winogrande_prompt,
+    write_split,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
+
+
+def test_prompt_is_the_reports():
+    ex = winogrande_prompt(
+        {"sentence": "The cup _ fell.", "option1": "red", "option2": "blue", "answer": "2"}, "x"
+    )
+    assert ex.prompt == (
+        "Select one of the choices that answers the following question: The cup _ fell. "
+        "Choices: A. red. B. blue. Answer:"
+    )
+    assert ex.label == 1
+    assert WINOGRANDE_PROMPT.endswith("Answer:")
+
+
+def test_generated_task_is_seeded_balanced_and_disjoint():
+    train, test = generate_comparisons(640, 500, seed=0)
+    again, _ = generate_comparisons(640, 500, seed=0)
+    assert train == again and len(train) == 640 and len(test) == 500
+    for records in (train, test):
+        ones = sum(r["answer"] == "1" for r in records)
+        assert 0.4 < ones / len(records) < 0.6
+        assert all(r["sentence"].count("_") == 1 for r in records)
+    entities = lambda rs: {r["option1"] for r in rs} | {r["option2"] for r in rs}  # noqa: E731
+    # an entity name may recur across attributes (e.g. "ant"), but never within one attribute's
+    # pairs of both splits: check through the comparative word
+    def by_attr(rs):
+        out = {}
+        for r in rs:
+            word = r["sentence"].rsplit(" ", 1)[-1].rstrip(".")
+            out.setdefault(word, set()).update({r["option1"], r["option2"]})
+        return out
+
+    tr, te = by_attr(train), by_attr(test)
+    groups = [("heavier", "lighter"), ("faster", "slower"), ("bigger", "smaller"),
+              ("hotter", "colder")]
+    for words in groups:
+        a = set().union(*(tr.get(w, set()) for w in words))
+        b = set().union(*(te.get(w, set()) for w in words))
+        assert a and b and not (a & b)
+    assert entities(train) and entities(test)
+
+
+def test_malformed_inputs_name_file_and_line(tmp_path):
+    folder = tmp_path / "wg"
+    folder.mkdir()
+    good = {"qID": "q", "sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}
+    (folder / "train_s.jsonl").write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"train_s.jsonl:2: invalid JSON"):
+        load_winogrande_local(folder, "train_s")
+    (folder / "train_s.jsonl").write_text(json.dumps({**good, "sentence": "no blank"}) + "\n")
+    with pytest.raises(DataError, match=r"train_s.jsonl:1: sentence must contain exactly one '_'"):
+        load_winogrande_local(folder, "train_s")
+    (folder / "train_s.jsonl").write_text(json.dumps({"sentence": "A _"}) + "\n")
+    with pytest.raises(DataError, match=r"train_s.jsonl:1: missing field 'option1'"):
+        load_winogrande_local(folder, "train_s")
+    with pytest.raises(DataError, match="local WinoGrande folder not found: looked in"):
+        load_winogrande_local(tmp_path / "absent", "train_s")
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        load_splits(DataConfig(name="mnist"))
+
+
+def test_split_round_trip_and_validation(tmp_path):
+    train, _ = load_splits(DataConfig(name="generated", n_train=50, n_test=10))
+    rest, val = split_validation(train, 10, seed=0)
+    assert len(rest) == 40 and len(val) == 10 and not {e.id for e in rest} & {e.id for e in val}
+    write_split(tmp_path / "val.jsonl", val, (" A", " B"))
+    split = read_split(tmp_path / "val.jsonl")
+    assert split.examples == tuple(val) and split.answers == (" A", " B")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
+def test_official_winogrande_s_and_dev():
+    cfg = DataConfig(name="winogrande", source="local", local_dir=str(SHARED),
+                     train_split="train_s", test_split="dev")
+    train, test = load_splits(cfg, root=Path("/"))
+    assert len(train) == 640 and len(test) == 1267
+    assert sum(e.label for e in test) == 639  # answers "2" in dev

@@ -1,0 +1,76 @@
+"""Model zoo: every card's architecture with LoRA (tiny, no download), the real SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from lalora.config import ConfigError, ModelCard, Params, compose, load_section
+from lalora.models import (
+    ModelError,
+    answer_logits,
+    answer_token_ids,
+    attach_lora,
+    encode,
+    load_base_model,
+    load_card_model,
+    lora_modules,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = load_section(Params, compose(ROOT / "conf"), "")
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS.zoo))
+def test_every_card_attaches_lora_to_its_architecture(name):
+    card = PARAMS.zoo[name]
+    assert (card.r, card.alpha, card.dropout) == (8, 16.0, 0.1)  # the report's Table 1
+    tiny = dataclasses.replace(card, source="tiny", quantization="none", dtype="float32")
+    tok, base = load_card_model(tiny)
+    model = attach_lora(base, tiny)
+    expected = 0
+    for mod_name, module in base.named_modules():
+        leaf = mod_name.rsplit(".", 1)[-1]
+        if leaf in card.targets or (card.lm_head and leaf == "lm_head"):
+            layer = module.base_layer if hasattr(module, "base_layer") else module
+            expected += card.r * (layer.in_features + layer.out_features)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert expected > 0 and trainable == expected
+    targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora_modules(model)}
+    assert targeted == set(card.targets) | ({"lm_head"} if card.lm_head else set())
+    batch = encode(tok, ["Question one? Answer:", "A longer question two? Answer:"], [0, 1], 64)
+    assert answer_logits(model, batch, answer_token_ids(tok, (" A", " B"))).shape == (2, 2)
+
+
+def test_phi3_uses_its_fused_projection():
+    assert PARAMS.zoo["phi3-mini"].targets == ("qkv_proj",)
+
+
+def test_four_bit_without_cuda_is_refused():
+    card = PARAMS.zoo["llama2-7b"]
+    assert card.quantization == "nf4"
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ModelError, match="4-bit.*needs CUDA"):
+        load_base_model(card)
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ConfigError, match="unknown model 'gpt5'"):
+        PARAMS.card("gpt5")
+
+
+def test_real_smollm2_loads_offline_with_single_answer_tokens(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    card: ModelCard = PARAMS.zoo["smollm2-135m"]
+    tok, base = load_card_model(card)
+    assert base.config.model_type == "llama" and base.dtype == torch.float32
+    ids = answer_token_ids(tok, (" A", " B"))
+    assert len(set(ids)) == 2
+    model = attach_lora(base, card)
+    batch = encode(tok, ["Is the sky blue? Choices: A. yes. B. no. Answer:"], [0], 512)
+    logits = answer_logits(model, batch, ids)
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
