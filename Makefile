@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test lint bench
+.PHONY: setup repro test lint
 
 setup: $(STAMP)
 
@@ -20,12 +20,10 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 test: $(STAMP)
-	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff check src stages tests
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src stages tests bench
-	$(BIN)/ruff format --check src stages tests bench
+	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff format --check src stages tests
 
-bench: $(STAMP)
-	$(BIN)/python bench/run.py

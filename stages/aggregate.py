@@ -25,8 +25,10 @@ def main() -> None:
             if not path.exists():
                 raise SystemExit(f"missing evaluation result {path}")
             results.append(json.loads(path.read_text()))
-    dataset = params.data.name if params.data.name != "winogrande" else "WG-" + (
-        params.data.train_split.removeprefix("train_").upper()
+    dataset = (
+        params.data.name
+        if params.data.name != "winogrande"
+        else "WG-" + (params.data.train_split.removeprefix("train_").upper())
     )
     write_all(results, list(params.models), dataset, args.metrics, args.plots)
 

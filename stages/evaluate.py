@@ -65,8 +65,10 @@ def main() -> None:
     atomic_write_json(args.out, result)
     print(
         f"{args.model} step {args.step}: "
-        + ", ".join(f"{m} acc={result[m]['acc']:.3f} nll={result[m]['nll']:.3f} "
-                    f"ece={result[m]['ece']:.3f}" for m in probs)
+        + ", ".join(
+            f"{m} acc={result[m]['acc']:.3f} nll={result[m]['nll']:.3f} ece={result[m]['ece']:.3f}"
+            for m in probs
+        )
     )
 
 

@@ -29,8 +29,13 @@ def main() -> None:
     model = attach_lora(base, card, seed=params.finetune.seed)
     run_id = fingerprint(card, params.finetune, args.data)
     result = train(
-        model, tok, list(split.examples), answer_token_ids(tok, split.answers), params.finetune,
-        args.out, run_id,
+        model,
+        tok,
+        list(split.examples),
+        answer_token_ids(tok, split.answers),
+        params.finetune,
+        args.out,
+        run_id,
     )
     rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in result.losses]
     atomic_write_text(args.loss_csv, "\n".join(rows) + "\n")

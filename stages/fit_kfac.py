@@ -33,8 +33,13 @@ def main() -> None:
             batches(tok, examples, cfg.batch_size, params.finetune.max_length),
             logits_fn(answer_token_ids(tok, split.answers)),
             lora_modules(model),
-            fisher=cfg.fisher, rank=cfg.rank, threshold=cfg.threshold, update=cfg.update,
-            seed=cfg.seed, progress=True, total=n_batches(len(examples), cfg.batch_size),
+            fisher=cfg.fisher,
+            rank=cfg.rank,
+            threshold=cfg.threshold,
+            update=cfg.update,
+            seed=cfg.seed,
+            progress=True,
+            total=n_batches(len(examples), cfg.batch_size),
         )
     except NonFiniteError as err:
         raise SystemExit(f"fit_kfac {args.model} ({args.adapter}): {err}") from None

@@ -37,8 +37,16 @@ def tune_on_validation(params, args, post: Posterior) -> Posterior:
     labels = torch.tensor([e.label for e in examples])
     pred = params.predictive
     return tune_prior_nll(
-        feats, labels, post, pred.link, pred.samples, pred.seed,
-        params.prior.log10_min, params.prior.log10_max, params.prior.grid, where=args.where,
+        feats,
+        labels,
+        post,
+        pred.link,
+        pred.samples,
+        pred.seed,
+        params.prior.log10_min,
+        params.prior.log10_max,
+        params.prior.grid,
+        where=args.where,
     )
 
 
@@ -58,8 +66,12 @@ def main() -> None:
     try:
         if params.prior.method == "marglik":
             tuned = tune_prior(
-                post, params.prior.structure, params.prior.log10_min, params.prior.log10_max,
-                params.prior.grid, where=args.where,
+                post,
+                params.prior.structure,
+                params.prior.log10_min,
+                params.prior.log10_max,
+                params.prior.grid,
+                where=args.where,
             )
         else:
             tuned = tune_on_validation(params, args, post)

@@ -18,7 +18,8 @@ def report_close(actual: Tensor, expected: Tensor, rtol: float = 1e-9, atol: flo
     if not bool((diff <= tol).all()):
         idx = tuple(int(i) for i in torch.nonzero(diff > tol)[0])
         raise AssertionError(
-            f"max abs diff {float(diff.max()):.3e} (max |expected| {float(expected.abs().max()):.3e});"
+            f"max abs diff {float(diff.max()):.3e} "
+            f"(max |expected| {float(expected.abs().max()):.3e});"
             f" first bad index {idx}: {float(actual[idx]):.6e} vs {float(expected[idx]):.6e}"
         )
 
@@ -73,8 +74,13 @@ def llama_case(seed: int = 0, lm_head: bool = True) -> nn.Module:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     base = AutoModelForCausalLM.from_config(cfg).double()
@@ -88,7 +94,9 @@ def llama_case(seed: int = 0, lm_head: bool = True) -> nn.Module:
 
 def _rms_norm_float64(norm: nn.Module):
     def forward(x: Tensor) -> Tensor:
-        return norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return (
+            norm.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        )
 
     return forward
 

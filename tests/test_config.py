@@ -45,7 +45,7 @@ def test_overrides_compose_as_dvc_exp_run_does():
 def test_unknown_key_wrong_type_and_unknown_model_are_named():
     with pytest.raises(ConfigError, match=r"finetune: unknown key\(s\) \['lrr'\]"):
         load_section(FinetuneConfig, {"lrr": 1.0}, "finetune")
-    with pytest.raises(ConfigError, match="finetune.batch_size: expected int, got str"):
+    with pytest.raises(ConfigError, match=r"finetune\.batch_size: expected int, got str"):
         load_section(FinetuneConfig, {"batch_size": "6"}, "finetune")
     with pytest.raises(ConfigError, match=r"kfac.update: 'qr' is not one of"):
         load_section(KfacConfig, {"update": "qr"}, "kfac")

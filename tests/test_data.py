@@ -44,6 +44,7 @@ def test_generated_task_is_seeded_balanced_and_disjoint():
         assert 0.4 < ones / len(records) < 0.6
         assert all(r["sentence"].count("_") == 1 for r in records)
     entities = lambda rs: {r["option1"] for r in rs} | {r["option2"] for r in rs}  # noqa: E731
+
     # an entity name may recur across attributes (e.g. "ant"), but never within one attribute's
     # pairs of both splits: check through the comparative word
     def by_attr(rs):
@@ -54,8 +55,12 @@ def test_generated_task_is_seeded_balanced_and_disjoint():
         return out
 
     tr, te = by_attr(train), by_attr(test)
-    groups = [("heavier", "lighter"), ("faster", "slower"), ("bigger", "smaller"),
-              ("hotter", "colder")]
+    groups = [
+        ("heavier", "lighter"),
+        ("faster", "slower"),
+        ("bigger", "smaller"),
+        ("hotter", "colder"),
+    ]
     for words in groups:
         a = set().union(*(tr.get(w, set()) for w in words))
         b = set().union(*(te.get(w, set()) for w in words))
@@ -93,8 +98,13 @@ def test_split_round_trip_and_validation(tmp_path):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not present")
 def test_official_winogrande_s_and_dev():
-    cfg = DataConfig(name="winogrande", source="local", local_dir=str(SHARED),
-                     train_split="train_s", test_split="dev")
+    cfg = DataConfig(
+        name="winogrande",
+        source="local",
+        local_dir=str(SHARED),
+        train_split="train_s",
+        test_split="dev",
+    )
     train, test = load_splits(cfg, root=Path("/"))
     assert len(train) == 640 and len(test) == 1267
     assert sum(e.label for e in test) == 639  # answers "2" in dev

@@ -37,8 +37,17 @@ def run(out: Path, stop_at: int | None = None):
         if step == stop_at:
             raise Interrupt
 
-    return model, train(model, tok, train_ex, answer_token_ids(tok, (" A", " B")), CFG, out,
-                        "run-1", on_step=on_step, progress=False)
+    return model, train(
+        model,
+        tok,
+        train_ex,
+        answer_token_ids(tok, (" A", " B")),
+        CFG,
+        out,
+        "run-1",
+        on_step=on_step,
+        progress=False,
+    )
 
 
 def adapter(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -74,7 +83,9 @@ def test_export_gives_a_peft_folder_that_loads(tmp_path):
     model, _ = run(tmp_path / "c")
     export(tmp_path / "c" / "step-6", tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     _, base = load_card_model(CARD, seed=0)
     loaded = load_adapter(base, tmp_path / "adapter")
     trained = {n: p for n, p in model.named_parameters() if "lora_" in n}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cases import (
     XBatch,
     dense_ggn,
@@ -16,6 +15,7 @@ from cases import (
     mlp_logits,
     report_close,
 )
+
 from lalora.laplace import fit_kfac
 from lalora.laplace.kfac import exact_fisher_root, fisher_root
 from lalora.models import lora_modules
@@ -98,9 +98,13 @@ def test_factors_equal_curvlinops_type2_expand(C):
     for p in params:
         p.requires_grad_(True)
     kfac = KFACLinearOperator(
-        clf, torch.nn.CrossEntropyLoss(reduction="sum"), params,
+        clf,
+        torch.nn.CrossEntropyLoss(reduction="sum"),
+        params,
         [(b.input_ids, b.labels) for b in batches],
-        fisher_type="type-2", kfac_approx="expand", check_deterministic=False,
+        fisher_type="type-2",
+        kfac_approx="expand",
+        check_deterministic=False,
     )
     kfac.compute_kronecker_factors()
     for name in mods:
@@ -148,10 +152,13 @@ def test_padding_contributes_nothing_left_or_right():
     right = llama_batch(lengths, seed=3, padding_side="right")
     left = llama_batch(lengths, seed=3, padding_side="left")
     singles = [llama_batch([n], seed=0) for n in lengths]
-    for i, n in enumerate(lengths):  # the same sequences, one per batch, no padding
+    for i, _n in enumerate(lengths):  # the same sequences, one per batch, no padding
         sl = right.attention_mask[i].bool()
-        singles[i] = type(right)(right.input_ids[i : i + 1, sl], right.attention_mask[i : i + 1, sl],
-                                 right.labels[i : i + 1])
+        singles[i] = type(right)(
+            right.input_ids[i : i + 1, sl],
+            right.attention_mask[i : i + 1, sl],
+            right.labels[i : i + 1],
+        )
     p_right = fit_kfac(model, [right], fn, mods, threshold=10**6)
     p_left = fit_kfac(model, [left], fn, mods, threshold=10**6)
     p_single = fit_kfac(model, singles, fn, mods, threshold=10**6)
@@ -173,8 +180,9 @@ def test_zero_gradients_give_valid_factors(update):
         for name, m in mods.items():
             if ".lora_B." in name:
                 m.weight.zero_()
-    post = fit_kfac(model, [llama_batch([4, 6])], llama_logits_fn(2), mods, rank=2, threshold=4,
-                    update=update)
+    post = fit_kfac(
+        model, [llama_batch([4, 6])], llama_logits_fn(2), mods, rank=2, threshold=4, update=update
+    )
     for name, m in post.modules.items():
         for f in (m.a, m.g):
             assert torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()

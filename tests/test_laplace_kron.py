@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cases import report_close
+
 from lalora.laplace.kron import (
     DenseAccumulator,
     NystromAccumulator,

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from cases import dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
+
 from lalora.laplace import (
     JacobianFeatures,
     PriorSearchError,
@@ -45,7 +45,9 @@ def dense_log_z(post: Posterior, lam: float) -> float:
 def test_log_marginal_likelihood_equals_dense(threshold, update):
     _, _, _, post = setup(2, threshold=threshold, rank=3, update=update)
     for lam in (1e-2, 1.0, 37.0):
-        assert log_marginal_likelihood(post, lam) == pytest.approx(dense_log_z(post, lam), rel=1e-10)
+        assert log_marginal_likelihood(post, lam) == pytest.approx(
+            dense_log_z(post, lam), rel=1e-10
+        )
 
 
 def test_tuned_prior_maximises_dense_log_z():
@@ -70,7 +72,7 @@ def test_layerwise_prior_is_per_module_and_beats_scalar():
 
 def test_unbracketed_prior_search_names_where():
     _, _, _, post = setup(2)
-    with pytest.raises(PriorSearchError, match="checkpoint 7.*not bracketed"):
+    with pytest.raises(PriorSearchError, match=r"checkpoint 7.*not bracketed"):
         tune_prior(post, log10_min=5.0, log10_max=6.0, grid=5, where="checkpoint 7")
 
 
@@ -87,7 +89,9 @@ def test_predictive_covariance_equals_dense(C, threshold):
     blocks = []
     for n in names:
         m = post.modules[n]
-        prec = torch.kron(m.g.dense(), m.a.dense()) + 0.7 * torch.eye(m.n_params, dtype=torch.float64)
+        prec = torch.kron(m.g.dense(), m.a.dense()) + 0.7 * torch.eye(
+            m.n_params, dtype=torch.float64
+        )
         blocks.append(torch.linalg.inv(prec))
     sigma = torch.block_diag(*blocks)
     full = J @ sigma @ J.transpose(1, 2)  # (N, C, C): C full logit passes
@@ -111,8 +115,10 @@ def test_mc_converges_to_analytic_expectation_and_probit_formula():
     mu = mean[:, 0] - mean[:, 1]
     x, w = np.polynomial.hermite_e.hermegauss(120)  # E[sigmoid(mu + s z)], z ~ N(0, 1)
     exact = torch.tensor(
-        [float(np.sum(w * (1 / (1 + np.exp(-(m + math.sqrt(v) * x)))))) / math.sqrt(2 * math.pi)
-         for m, v in zip(mu.tolist(), var.tolist(), strict=True)],
+        [
+            float(np.sum(w * (1 / (1 + np.exp(-(m + math.sqrt(v) * x)))))) / math.sqrt(2 * math.pi)
+            for m, v in zip(mu.tolist(), var.tolist(), strict=True)
+        ],
         dtype=torch.float64,
     )
     errs = [

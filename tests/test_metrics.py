@@ -15,7 +15,9 @@ def test_metrics_by_hand():
     labels = torch.tensor([0, 1, 1, 0])
     s = score(probs, labels, n_bins=10)
     assert s.acc == pytest.approx(0.5)
-    assert s.nll == pytest.approx(-(math.log(0.9) + math.log(0.2) + math.log(0.7) + math.log(0.45)) / 4)
+    assert s.nll == pytest.approx(
+        -(math.log(0.9) + math.log(0.2) + math.log(0.7) + math.log(0.45)) / 4
+    )
     # bins: 0.9 -> (0.8, 0.9] right, 0.8 -> (0.7, 0.8] wrong, 0.7 -> (0.6, 0.7] right,
     # 0.55 -> (0.5, 0.6] wrong
     expected = (abs(1 - 0.9) + abs(0 - 0.8) + abs(1 - 0.7) + abs(0 - 0.55)) / 4

@@ -54,7 +54,7 @@ def test_four_bit_without_cuda_is_refused():
     assert card.quantization == "nf4"
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    with pytest.raises(ModelError, match="4-bit.*needs CUDA"):
+    with pytest.raises(ModelError, match=r"4-bit.*needs CUDA"):
         load_base_model(card)
 
 

@@ -22,15 +22,23 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "source": "tiny", "targets": ["q_proj", "v_proj"], "lm_head": True, "r": 8, "alpha": 16,
-    "dropout": 0.1, "quantization": "none", "dtype": "float32",
+    "source": "tiny",
+    "targets": ["q_proj", "v_proj"],
+    "lm_head": True,
+    "r": 8,
+    "alpha": 16,
+    "dropout": 0.1,
+    "quantization": "none",
+    "dtype": "float32",
 }
 
 
 def sh(args: list[str], cwd: Path, env: dict) -> str:
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
     return res.stdout + res.stderr
 
 
@@ -49,19 +57,26 @@ def edit_params(repo: Path, fn) -> None:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("study")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for f in files:
         if (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(repo / "src")}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(repo / "src"),
+    }
 
     def tiny(params):
         params["models"] = ["tiny-a", "tiny-b"]
-        params["zoo"] = {"tiny-a": {**TINY, "arch": "llama"},
-                         "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]}}
+        params["zoo"] = {
+            "tiny-a": {**TINY, "arch": "llama"},
+            "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
+        }
         params["data"].update(n_train=12, n_test=8)
         params["finetune"].update(steps=2, save_every=2, batch_size=4)
         params["checkpoints"] = [0, 2]
@@ -70,20 +85,29 @@ def repo(tmp_path_factory):
         params["predictive"].update(samples=100)
 
     edit_params(repo, tiny)
-    for args in (["git", "init", "-q"], ["git", "add", "-A"],
-                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
+    ):
         sh(args, repo, env)
     return repo, env
 
 
 def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     repo, env = repo
-    stages_a = {f"{s}@tiny-a-{k}" for s in ("export", "fit_kfac", "tune_prior", "evaluate")
-                for k in (0, 2)} | {"finetune@tiny-a"}
+    stages_a = {
+        f"{s}@tiny-a-{k}" for s in ("export", "fit_kfac", "tune_prior", "evaluate") for k in (0, 2)
+    } | {"finetune@tiny-a"}
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
     assert repro(repo, env) == {"prepare", "aggregate"} | stages_a | stages_b
-    for f in ("metrics/table2.md", "metrics/table3.md", "plots/figure1.png",
-              "plots/reliability.png", "models/tiny-a/adapters/step-2/adapter_config.json"):
+    for f in (
+        "metrics/table2.md",
+        "metrics/table3.md",
+        "plots/figure1.png",
+        "plots/reliability.png",
+        "models/tiny-a/adapters/step-2/adapter_config.json",
+    ):
         assert (repo / f).exists(), f
     assert repro(repo, env) == set()
 
@@ -100,9 +124,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     edit_params(repo, lambda p: p["kfac"].update(rank=5))
     ran = repro(repo, env)
     assert {s for s in every if s.startswith("fit_kfac")} <= ran
-    assert ran <= {
-        s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))
-    } | {"aggregate"}
+    assert ran <= {s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))} | {
+        "aggregate"
+    }
 
     shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
     data = json.dumps(shown)

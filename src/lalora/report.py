@@ -43,7 +43,9 @@ def results_table(df: pd.DataFrame, method: str, models: list[str], dataset: str
     for model in models:
         row = final[final.model == model]
         for m in METRICS:
-            rows.append({"LLM": model, "Metric": LABELS[m], dataset: round(float(row[m].iloc[0]), 4)})
+            rows.append(
+                {"LLM": model, "Metric": LABELS[m], dataset: round(float(row[m].iloc[0]), 4)}
+            )
     return pd.DataFrame(rows)
 
 
@@ -91,8 +93,14 @@ def figure1(df: pd.DataFrame, path: Path) -> None:
         for method, style in (("map", "-"), ("laplace", "--")):
             g = group[group.method == method].sort_values("step")
             for ax, m in zip(axes, METRICS, strict=True):
-                ax.plot(g.step, g[m], style, marker="o", color=colours[i % len(colours)],
-                        label=f"{model} {METHODS[method]}")
+                ax.plot(
+                    g.step,
+                    g[m],
+                    style,
+                    marker="o",
+                    color=colours[i % len(colours)],
+                    label=f"{model} {METHODS[method]}",
+                )
     for ax, m in zip(axes, METRICS, strict=True):
         ax.set_xlabel("gradient steps")
         ax.set_ylabel(LABELS[m])
@@ -118,10 +126,17 @@ def reliability_figure(results: list[dict], path: Path) -> None:
         ax.plot([0, 1], [0, 1], ":", color="grey")
         for method, marker in (("map", "o"), ("laplace", "s")):
             bins = r[method]["bins"]
-            pts = [(c, a) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"],
-                                             strict=True) if n > 0]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                    label=f"{METHODS[method]} (ECE {r[method]['ece']:.3f})")
+            pts = [
+                (c, a)
+                for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"], strict=True)
+                if n > 0
+            ]
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker=marker,
+                label=f"{METHODS[method]} (ECE {r[method]['ece']:.3f})",
+            )
         ax.set_title(f"{model}, step {r['step']}")
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
@@ -144,8 +159,9 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_all(results: list[dict], models: list[str], dataset: str, metrics_dir: Path,
-              plots_dir: Path) -> None:
+def write_all(
+    results: list[dict], models: list[str], dataset: str, metrics_dir: Path, plots_dir: Path
+) -> None:
     """Every aggregate output, each written atomically."""
     df = long_table(results)
     for name, method in (("table2", "map"), ("table3", "laplace")):

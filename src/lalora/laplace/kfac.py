@@ -137,7 +137,9 @@ def fit_kfac(
             if not torch.isfinite(logits).all():
                 raise NonFiniteError(f"non-finite logits in batch {b}")
             log_lik += float(
-                torch.log_softmax(logits.detach().double(), -1).gather(1, batch.labels[:, None]).sum()
+                torch.log_softmax(logits.detach().double(), -1)
+                .gather(1, batch.labels[:, None])
+                .sum()
             )
             n_data += logits.shape[0]
             roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
