@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 
 from lalora.config import load_params
-from lalora.data import read_split
 from lalora.io import atomic_write_json
 from lalora.laplace.posterior import Posterior
 from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
 from lalora.metrics import score
-from lalora.models import answer_token_ids, lora_modules
-from lalora.pipeline import batches, load_adapted, logits_fn, n_batches
+from lalora.pipeline import load_split_run
 
 
 def main() -> None:
@@ -38,19 +36,16 @@ def main() -> None:
     cfg, pred = params.evaluate, params.predictive
     prior = json.loads(args.prior.read_text())
     post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
-    split = read_split(args.data)
-    examples = list(split.examples)
-    tok, model = load_adapted(params.card(args.model), args.adapter)
-    feats = jacobian_features(
-        model,
-        batches(tok, examples, cfg.batch_size, params.finetune.max_length),
-        logits_fn(answer_token_ids(tok, split.answers)),
-        lora_modules(model),
-        post,
-        progress=True,
-        total=n_batches(len(examples), cfg.batch_size),
+    run = load_split_run(
+        params.card(args.model),
+        args.adapter,
+        args.data,
+        cfg.batch_size,
+        params.finetune.max_length,
     )
-    labels = torch.tensor([e.label for e in examples])
+    feats = jacobian_features(
+        run.model, run.batches, run.logits_fn, run.modules, post, progress=True
+    )
     cov = logit_covariance(feats, post)
     probs = {
         "map": torch.softmax(feats.mean, -1),
@@ -58,7 +53,7 @@ def main() -> None:
     }
     result = {"model": args.model, "step": args.step}
     for method, p in probs.items():
-        result[method] = score(p, labels, cfg.ece_bins).to_dict()
+        result[method] = score(p, run.labels, cfg.ece_bins).to_dict()
     result["prior_precision"] = prior["prior_precision"]
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
     result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())

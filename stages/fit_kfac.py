@@ -6,11 +6,9 @@ import argparse
 from pathlib import Path
 
 from lalora.config import load_params
-from lalora.data import read_split
 from lalora.io import publish_dir, staging_dir
 from lalora.laplace.kfac import NonFiniteError, fit_kfac
-from lalora.models import answer_token_ids, lora_modules
-from lalora.pipeline import batches, load_adapted, logits_fn, n_batches
+from lalora.pipeline import load_split_run
 
 
 def main() -> None:
@@ -24,22 +22,25 @@ def main() -> None:
 
     params = load_params(args.params)
     cfg = params.kfac
-    split = read_split(args.data)
-    tok, model = load_adapted(params.card(args.model), args.adapter)
-    examples = list(split.examples)
+    run = load_split_run(
+        params.card(args.model),
+        args.adapter,
+        args.data,
+        cfg.batch_size,
+        params.finetune.max_length,
+    )
     try:
         post = fit_kfac(
-            model,
-            batches(tok, examples, cfg.batch_size, params.finetune.max_length),
-            logits_fn(answer_token_ids(tok, split.answers)),
-            lora_modules(model),
+            run.model,
+            run.batches,
+            run.logits_fn,
+            run.modules,
             fisher=cfg.fisher,
             rank=cfg.rank,
             threshold=cfg.threshold,
             update=cfg.update,
             seed=cfg.seed,
             progress=True,
-            total=n_batches(len(examples), cfg.batch_size),
         )
     except NonFiniteError as err:
         raise SystemExit(f"fit_kfac {args.model} ({args.adapter}): {err}") from None

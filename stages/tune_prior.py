@@ -5,40 +5,34 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.config import load_params
+from lalora.config import Params, load_params
 from lalora.io import atomic_write_json
 from lalora.laplace.marglik import PriorSearchError, log_marginal_likelihood, tune_prior
 from lalora.laplace.posterior import Posterior
 
 
-def tune_on_validation(params, args, post: Posterior) -> Posterior:
+def tune_on_validation(params: Params, args: argparse.Namespace, post: Posterior) -> Posterior:
     """Validation-NLL tuning: one Jacobian pass over the validation split, then a 1-D search."""
     from lalora.data import read_split
     from lalora.laplace.predictive import jacobian_features, tune_prior_nll
-    from lalora.models import answer_token_ids, lora_modules
-    from lalora.pipeline import batches, load_adapted, logits_fn
+    from lalora.pipeline import load_split_run
 
     if params.prior.structure != "scalar":
         raise SystemExit("prior.method val_nll supports prior.structure scalar only")
-    split = read_split(args.val)
-    if not split.examples:
+    if not read_split(args.val).examples:
         raise SystemExit("prior.method val_nll needs a validation split: set data.val_size > 0")
-    tok, model = load_adapted(params.card(args.model), args.adapter)
-    examples = list(split.examples)
-    feats = jacobian_features(
-        model,
-        batches(tok, examples, params.evaluate.batch_size, params.finetune.max_length),
-        logits_fn(answer_token_ids(tok, split.answers)),
-        lora_modules(model),
-        post,
+    run = load_split_run(
+        params.card(args.model),
+        args.adapter,
+        args.val,
+        params.evaluate.batch_size,
+        params.finetune.max_length,
     )
-    import torch
-
-    labels = torch.tensor([e.label for e in examples])
+    feats = jacobian_features(run.model, run.batches, run.logits_fn, run.modules, post)
     pred = params.predictive
     return tune_prior_nll(
         feats,
-        labels,
+        run.labels,
         post,
         pred.link,
         pred.samples,

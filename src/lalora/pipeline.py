@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from lalora.config import ModelCard
-from lalora.data import Example
-from lalora.models import Batch, answer_logits, encode, load_adapter, load_card_model
+from lalora.data import Example, read_split
+from lalora.models import (
+    Batch,
+    answer_logits,
+    answer_token_ids,
+    encode,
+    load_adapter,
+    load_card_model,
+    lora_modules,
+)
 
 
 def batches(
@@ -32,10 +41,6 @@ def batches(
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         yield encode(tokenizer, [e.prompt for e in chunk], [e.label for e in chunk], max_length)
-
-
-def n_batches(n: int, batch_size: int) -> int:
-    return (n + batch_size - 1) // batch_size
 
 
 def logits_fn(answer_ids: list[int]):
@@ -49,6 +54,35 @@ def load_adapted(card: ModelCard, adapter_dir: Path, seed: int = 0):
     model = load_adapter(base, adapter_dir)
     model.eval()
     return tok, model
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    """An adapted model and one prepared split, in the form the Laplace library takes:
+    tokenised ``batches``, ``logits_fn(model, batch) -> (B, C)``, the LoRA ``modules`` and the
+    true ``labels`` (N,)."""
+
+    model: nn.Module
+    batches: list[Batch]
+    logits_fn: Callable[[nn.Module, Batch], Tensor]
+    modules: dict[str, nn.Linear]
+    labels: Tensor
+
+
+def load_split_run(
+    card: ModelCard, adapter_dir: Path, split_path: Path, batch_size: int, max_length: int
+) -> SplitRun:
+    """Read a prepared split, load the adapted model and tokenise the split into batches."""
+    split = read_split(split_path)
+    tok, model = load_adapted(card, adapter_dir)
+    examples = list(split.examples)
+    return SplitRun(
+        model=model,
+        batches=list(batches(tok, examples, batch_size, max_length)),
+        logits_fn=logits_fn(answer_token_ids(tok, split.answers)),
+        modules=lora_modules(model),
+        labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+    )
 
 
 def fingerprint(*parts: object) -> str:
