@@ -73,11 +73,12 @@ def summary(df: pd.DataFrame) -> dict:
     return out
 
 
-def curves(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Wide table for ``dvc plots``: step, then one column per ``<model> <method>``."""
-    wide = df.pivot_table(index="step", columns=["model", "method"], values=metric)
-    wide.columns = [f"{model} {METHODS[method]}" for model, method in wide.columns]
-    return wide.reset_index()
+def curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Long table for ``dvc plots`` (template ``series``): step, series ("<model> <Method>"),
+    acc, nll, ece."""
+    out = df[["step", *METRICS]].copy()
+    out.insert(1, "series", df.model + " " + df.method.map(METHODS))
+    return out
 
 
 def figure1(df: pd.DataFrame, path: Path) -> None:
@@ -170,7 +171,6 @@ def write_all(
         atomic_write_text(metrics_dir / f"{name}.md", markdown(t))
     atomic_write_json(metrics_dir / "summary.json", summary(df))
     atomic_write_text(plots_dir / "metrics.csv", df.to_csv(index=False))
-    for m in METRICS:
-        atomic_write_text(plots_dir / f"{m}.csv", curves(df, m).to_csv(index=False))
+    atomic_write_text(plots_dir / "curves.csv", curves(df).to_csv(index=False))
     figure1(df, plots_dir / "figure1.png")
     reliability_figure(results, plots_dir / "reliability.png")
