@@ -8,7 +8,9 @@ Position ids are derived from the attention mask, so left and right padding give
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,11 +48,48 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def cache_root() -> Path:
+    """Where dequantised GGUF models are kept: ``$LALORA_CACHE`` or ``~/.cache/lalora``."""
+    return Path(os.environ.get("LALORA_CACHE", Path.home() / ".cache" / "lalora"))
+
+
+@lru_cache(maxsize=4)
+def dequantised_gguf(package: str, gguf_file: str) -> Path:
+    """A standard transformers folder (float32 safetensors and tokenizer) of a GGUF file.
+
+    Dequantising the GGUF takes ~15 s and reading its tokenizer ~5 s; every stage loads the
+    model, so the result is kept, keyed by the sha256 of the GGUF file, and written atomically.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lalora.io import publish_dir, staging_dir
+
+    src = package_dir(package) / gguf_file
+    if not src.exists():
+        raise ModelError(f"GGUF file not found: {src}")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    folder = cache_root() / f"{Path(gguf_file).stem}-{digest}"
+    if (folder / "config.json").exists():
+        return folder
+    tmp = staging_dir(folder)
+    AutoTokenizer.from_pretrained(src.parent, gguf_file=gguf_file).save_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=gguf_file, dtype=torch.float32
+    )
+    # the weights are dequantised float32 now: save them as a plain (unquantised) model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    publish_dir(tmp, folder)
+    return folder
+
+
 @lru_cache(maxsize=4)
 def _gguf_tokenizer(package: str, gguf_file: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(package_dir(package), gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(dequantised_gguf(package, gguf_file))
 
 
 def load_tokenizer(card: ModelCard):
@@ -115,7 +154,7 @@ def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 
         model = AutoModelForCausalLM.from_pretrained(card.repo, **kwargs)
     elif card.source == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
-            package_dir(card.package), gguf_file=card.gguf_file, dtype=dtype
+            dequantised_gguf(card.package, card.gguf_file), dtype=dtype
         )
     else:
         if vocab_size is None:
