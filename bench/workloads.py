@@ -1,0 +1,183 @@
+"""What the benchmark times: a model with LoRA, prompt batches, and the phases on them.
+
+Every phase is a function of (model, batches) so ours and the reference run on the very same
+objects. The adapter's B matrices are set to small seeded random values, as after fine-tuning:
+with B = 0 (PEFT's init) the gradients reaching the A matrices vanish.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lalora.config import ModelCard, load_params
+from lalora.data import WINOGRANDE_PROMPT, Example, load_winogrande_local
+from lalora.generated import generate_task
+from lalora.laplace.kfac import fit_kfac
+from lalora.laplace.marglik import tune_prior
+from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
+from lalora.models import (
+    Batch,
+    answer_logits,
+    answer_token_ids,
+    attach_lora,
+    encode,
+    load_card_model,
+    lora_modules,
+)
+from lalora.pipeline import map_probs
+
+SHARED_WINOGRANDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
+TINY = ModelCard(source="tiny", arch="llama")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A model with LoRA, its tokenizer, answer ids and tokenised train/test batches."""
+
+    model: nn.Module
+    tokenizer: object
+    answer_ids: list[int]
+    train: list[Batch]
+    test: list[Batch]
+    train_examples: list[Example]
+    test_examples: list[Example]
+    card: ModelCard
+
+
+def examples(n_train: int, n_test: int) -> tuple[list[Example], list[Example], str]:
+    """WinoGrande-S train and dev prompts from ``../shared/data`` when present, else the
+    generated task; and the name of the source."""
+    from lalora.data import winogrande_prompt
+
+    if SHARED_WINOGRANDE.is_dir():
+        train = load_winogrande_local(SHARED_WINOGRANDE, "train_s")[:n_train]
+        test = load_winogrande_local(SHARED_WINOGRANDE, "dev")[:n_test]
+        return train, test, "WinoGrande-S train / dev"
+    assert WINOGRANDE_PROMPT
+    tr, te = generate_task(max(n_train, 20), max(n_test, 20), seed=0)
+    train = [winogrande_prompt(r, f"gen {i}") for i, r in enumerate(tr[:n_train])]
+    test = [winogrande_prompt(r, f"gen {i}") for i, r in enumerate(te[:n_test])]
+    return train, test, "generated task"
+
+
+def card_for(
+    name: str,
+    params_path: str = "params.yaml",
+    lm_head: bool | None = None,
+    dropout: float | None = None,
+) -> ModelCard:
+    card = TINY if name == "tiny" else load_params(params_path).card(name)
+    if lm_head is not None:
+        card = replace(card, lm_head=lm_head)
+    if dropout is not None:
+        card = replace(card, dropout=dropout)
+    return card
+
+
+def setup(
+    card: ModelCard,
+    train: list[Example],
+    test: list[Example],
+    batch_size: int,
+    max_length: int = 512,
+    seed: int = 0,
+) -> Setup:
+    tok, base = load_card_model(card, seed=seed)
+    model = attach_lora(base, card, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            if ".lora_B." in name:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.01)
+    model.eval()
+    ids = answer_token_ids(tok, (" A", " B"))
+
+    def batched(exs: list[Example]) -> list[Batch]:
+        return [
+            encode(
+                tok,
+                [e.prompt for e in exs[i : i + batch_size]],
+                [e.label for e in exs[i : i + batch_size]],
+                max_length,
+            )
+            for i in range(0, len(exs), batch_size)
+        ]
+
+    return Setup(model, tok, ids, batched(train), batched(test), train, test, card)
+
+
+def synthetic_batches(vocab: int, n: int, length: int, batch_size: int, seed: int = 0):
+    """Random token batches of exactly ``length`` tokens (no padding) for the scaling study."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        ids = torch.randint(0, vocab, (b, length), generator=gen)
+        labels = torch.randint(0, 2, (b,), generator=gen)
+        out.append(Batch(ids, torch.ones_like(ids), labels))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phases (each returns what it computed, so results can be checked)
+
+
+def epoch(s: Setup) -> float:
+    """One fine-tuning epoch of forward and backward passes (train mode, no optimizer step)."""
+    params = [p for n, p in s.model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    s.model.train()
+    total = 0.0
+    for b in s.train:
+        loss = nn.functional.cross_entropy(answer_logits(s.model, b, s.answer_ids), b.labels)
+        loss.backward()
+        total += float(loss.detach())
+    for p in params:
+        p.grad = None
+        p.requires_grad_(False)
+    s.model.eval()
+    return total
+
+
+def ours_fit(s: Setup, batches: list[Batch], rank: int, threshold: int, update: str):
+    def logits_fn(model, batch):
+        return answer_logits(model, batch, s.answer_ids)
+
+    return fit_kfac(
+        s.model, batches, logits_fn, lora_modules(s.model), "exact", rank, threshold, update
+    )
+
+
+def ours_map(s: Setup) -> torch.Tensor:
+    return map_probs(
+        s.model, s.tokenizer, s.test_examples, s.answer_ids, s.test[0].input_ids.shape[0], 512
+    )
+
+
+def ours_predictive(s: Setup, post, samples: int = 10000):
+    """Laplace predictive over the test batches: probabilities (N, C), contrast cov (N, K, K)."""
+
+    def logits_fn(model, batch):
+        return answer_logits(model, batch, s.answer_ids)
+
+    feats = jacobian_features(s.model, s.test, logits_fn, lora_modules(s.model), post)
+    cov = logit_covariance(feats, post)
+    return predictive_probs(feats.mean, cov, "mc", samples, 0), cov
+
+
+def tuned(post):
+    """The posterior with its prior precision tuned by the marginal likelihood."""
+    return tune_prior(post)
+
+
+def scalar_prior(post) -> float:
+    """The prior precision of a posterior tuned with a scalar prior."""
+    values = set(post.prior_precision.values())
+    if len(values) != 1:
+        raise ValueError(f"expected one scalar prior precision, got {sorted(values)}")
+    return values.pop()
