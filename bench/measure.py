@@ -1,12 +1,17 @@
 """Wall time and peak resident memory of one call, and medians over repeats.
 
 Peak memory is the highest resident set size (read from ``/proc/self/statm`` by a sampling
-thread every millisecond) above the resident size when the call started, after a garbage
-collection: what the call itself needs on top of the model and data already loaded.
+thread every millisecond) above the resident size when the call started: what the call itself
+needs on top of the model and data already loaded. For the resident size to follow what is live,
+freed memory must go back to the system: before each call the garbage is collected and glibc's
+free heap pages are returned (``malloc_trim``). Without that, a call that reuses memory an
+earlier call freed would show no growth.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 import statistics
@@ -17,6 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand glibc's free heap pages back to the system."""
+    gc.collect()
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def rss_bytes() -> int:
@@ -53,7 +67,7 @@ class _PeakSampler(threading.Thread):
 
 def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Sample, Any]:
     """Run ``fn(*args, **kwargs)`` once; its wall time, peak RSS above the start, and result."""
-    gc.collect()
+    release_free_memory()
     start_rss = rss_bytes()
     sampler = _PeakSampler()
     sampler.start()

@@ -83,3 +83,16 @@ def test_scale_and_zero_data():
         f = acc.finalize()
         assert f.rank == 4 and float(f.evals.abs().max()) == 0.0
         report_close(f.evecs.T @ f.evecs, torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_svd_update_of_a_large_batch_goes_in_chunks_and_stays_exact():
+    """One update of 300 rows (more than the 64-row chunk) equals the exact factor for rank-5
+    data and keeps the root at k columns."""
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(300, 5, generator=gen, dtype=torch.float64) @ torch.randn(
+        5, 30, generator=gen, dtype=torch.float64
+    )
+    acc = SvdAccumulator(30, 6)
+    acc.update(rows)
+    assert acc.L.shape == (30, 6)
+    report_close(acc.finalize().dense(), rows.T @ rows, rtol=1e-9, atol=1e-9)

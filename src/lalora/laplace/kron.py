@@ -7,9 +7,10 @@ or the rank is at least d, else k = rank (low-rank). Three accumulators share on
 
 - :class:`DenseAccumulator`: F += rows^T rows in float64 (exact).
 - :class:`SvdAccumulator`: the paper's incremental SVD (Yang et al. 2024): L (d, k) with
-  L L^T ~ F; per update, L <- top-k left singular vectors of [L, rows^T] times their singular
-  values, computed through the (k + m) x (k + m) Gram matrix. Cost O(d (k + m)^2) per update;
-  exact while rank(F) <= k.
+  L L^T ~ F; per update of c rows, L <- top-k left singular vectors of [L, rows^T] times their
+  singular values, computed through the (k + c) x (k + c) Gram matrix. A batch's m rows go in
+  chunks of c <= 64, so the cost is O(m d (k + c) + m (k + c)^2), linear in m (one update of all
+  m rows at once would cost O(d (k + m)^2 + (k + m)^3)); exact while rank(F) <= k.
 - :class:`NystromAccumulator`: a streaming Nystrom sketch Y = F Omega (Tropp, Yurtsever, Udell,
   Cevher 2017, "Fixed-rank approximation of a positive-semidefinite matrix from streaming data"),
   Omega (d, s) an orthonormalised Gaussian test matrix, s = sketch size >= k. Cost O(d m s) per
@@ -86,20 +87,23 @@ class DenseAccumulator:
 class SvdAccumulator:
     """Incremental SVD: root L (d, <= k) with L L^T ~ sum of outer products."""
 
-    def __init__(self, dim: int, rank: int):
+    def __init__(self, dim: int, rank: int, chunk: int = 64):
         self.rank = rank
+        self.chunk = chunk
         self.L = torch.zeros(dim, 0, dtype=DTYPE)
 
     def update(self, rows: Tensor) -> None:
         rows = rows.to(DTYPE)
         rows = rows[rows.abs().amax(dim=1) > 0]  # zero rows (padding) change nothing
-        if rows.shape[0] == 0:
-            return
-        M = torch.cat([self.L, rows.T], dim=1)  # (d, k + m)
+        for start in range(0, rows.shape[0], self.chunk):
+            self._update(rows[start : start + self.chunk])
+
+    def _update(self, rows: Tensor) -> None:
+        M = torch.cat([self.L, rows.T], dim=1)  # (d, k + c)
         # top-k of the SVD M = U S V^T through the small Gram matrix M^T M = V S^2 V^T:
         # U_k S_k = M V_k. All BLAS-3 in float64; the squared condition number only affects
         # singular values far below the top k, which are discarded.
-        evals, V = torch.linalg.eigh(M.T @ M)  # ascending, (k + m,)
+        evals, V = torch.linalg.eigh(M.T @ M)  # ascending, (k + c,)
         k = min(self.rank, evals.shape[0])
         self.L = M @ V[:, -k:].flip(1)  # (d, k), columns U_j S_j
 
