@@ -20,8 +20,11 @@ import torch
 from bench import errors, reference, workloads
 from bench.measure import Sample, Summary, measure, summarise
 from lalora.io import atomic_write_text
+from lalora.laplace.kfac import fit_kfac
+from lalora.laplace.marglik import tune_prior
 from lalora.laplace.predictive import jacobian_features, logit_covariance
-from lalora.models import answer_logits, lora_modules
+from lalora.models import lora_modules
+from lalora.pipeline import logits_fn
 
 
 @dataclass
@@ -50,7 +53,7 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
             smp, p = measure(workloads.ours_fit, s, s.train, args.rank, args.threshold, update)
             t.add(f"fit {update}", smp)
             if update == args.update:
-                post = workloads.tuned(p)
+                post = tune_prior(p)
         t.add("map", measure(workloads.ours_map, s)[0])
         t.add("predictive", measure(workloads.ours_predictive, s, post)[0])
         if with_reference:
@@ -162,21 +165,18 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
 
 
 def accuracy(args, train, test, with_reference: bool) -> list[str]:
-    """Section 2b: error against the exact factors and the exact predictive covariance."""
+    """Section 3: error against the exact factors and the exact predictive covariance."""
     card = workloads.card_for(args.model, lm_head=False, dropout=0.0)
     s = workloads.setup(
         card, train[: args.n_error_train], test[: args.n_error_test], args.batch_size
     )
     modules = lora_modules(s.model)
-
-    def logits_fn(model, batch):
-        return answer_logits(model, batch, s.answer_ids)
-
-    big = 10**9
-    exact = workloads.fit_kfac(s.model, s.train, logits_fn, modules, "exact", big, big)
-    exact = workloads.tuned(exact)
+    fn = logits_fn(s.answer_ids)
+    big = 10**9  # every side dense
+    exact = fit_kfac(s.model, s.train, fn, modules, "exact", big, big)
+    exact = tune_prior(exact)
     lam = workloads.scalar_prior(exact)
-    feats = jacobian_features(s.model, s.test, logits_fn, modules, exact)
+    feats = jacobian_features(s.model, s.test, fn, modules, exact)
     var_exact = logit_covariance(feats, exact)[:, 0, 0]
     exact_blocks = errors.ours_blocks(exact)
 
@@ -196,7 +196,7 @@ def accuracy(args, train, test, with_reference: bool) -> list[str]:
         post = workloads.ours_fit(s, s.train, args.rank, args.threshold, update)
         err, c = errors.block_error(errors.ours_blocks(post), exact_blocks)
         post = post.with_prior(lam)
-        f = jacobian_features(s.model, s.test, logits_fn, modules, post)
+        f = jacobian_features(s.model, s.test, fn, modules, post)
         var = logit_covariance(f, post)[:, 0, 0]
         lines.append(
             _row(

@@ -14,21 +14,19 @@ import torch
 from torch import nn
 
 from lalora.config import ModelCard, load_params
-from lalora.data import WINOGRANDE_PROMPT, Example, load_winogrande_local
+from lalora.data import Example, load_winogrande_local, winogrande_prompt
 from lalora.generated import generate_task
 from lalora.laplace.kfac import fit_kfac
-from lalora.laplace.marglik import tune_prior
 from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
 from lalora.models import (
     Batch,
     answer_logits,
     answer_token_ids,
     attach_lora,
-    encode,
     load_card_model,
     lora_modules,
 )
-from lalora.pipeline import map_probs
+from lalora.pipeline import batches, logits_fn, map_probs
 
 SHARED_WINOGRANDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
 TINY = ModelCard(source="tiny", arch="llama")
@@ -36,10 +34,9 @@ TINY = ModelCard(source="tiny", arch="llama")
 
 @dataclass(frozen=True)
 class Setup:
-    """A model with LoRA, its tokenizer, answer ids and tokenised train/test batches."""
+    """A model with LoRA, its answer ids and tokenised train/test batches."""
 
     model: nn.Module
-    tokenizer: object
     answer_ids: list[int]
     train: list[Batch]
     test: list[Batch]
@@ -51,13 +48,10 @@ class Setup:
 def examples(n_train: int, n_test: int) -> tuple[list[Example], list[Example], str]:
     """WinoGrande-S train and dev prompts from ``../shared/data`` when present, else the
     generated task; and the name of the source."""
-    from lalora.data import winogrande_prompt
-
     if SHARED_WINOGRANDE.is_dir():
         train = load_winogrande_local(SHARED_WINOGRANDE, "train_s")[:n_train]
         test = load_winogrande_local(SHARED_WINOGRANDE, "dev")[:n_test]
         return train, test, "WinoGrande-S train / dev"
-    assert WINOGRANDE_PROMPT
     tr, te = generate_task(max(n_train, 20), max(n_test, 20), seed=0)
     train = [winogrande_prompt(r, f"gen {i}") for i, r in enumerate(tr[:n_train])]
     test = [winogrande_prompt(r, f"gen {i}") for i, r in enumerate(te[:n_test])]
@@ -97,17 +91,9 @@ def setup(
     ids = answer_token_ids(tok, (" A", " B"))
 
     def batched(exs: list[Example]) -> list[Batch]:
-        return [
-            encode(
-                tok,
-                [e.prompt for e in exs[i : i + batch_size]],
-                [e.label for e in exs[i : i + batch_size]],
-                max_length,
-            )
-            for i in range(0, len(exs), batch_size)
-        ]
+        return list(batches(tok, exs, batch_size, max_length))
 
-    return Setup(model, tok, ids, batched(train), batched(test), train, test, card)
+    return Setup(model, ids, batched(train), batched(test), train, test, card)
 
 
 def synthetic_batches(vocab: int, n: int, length: int, batch_size: int, seed: int = 0):
@@ -145,34 +131,28 @@ def epoch(s: Setup) -> float:
 
 
 def ours_fit(s: Setup, batches: list[Batch], rank: int, threshold: int, update: str):
-    def logits_fn(model, batch):
-        return answer_logits(model, batch, s.answer_ids)
-
     return fit_kfac(
-        s.model, batches, logits_fn, lora_modules(s.model), "exact", rank, threshold, update
+        s.model,
+        batches,
+        logits_fn(s.answer_ids),
+        lora_modules(s.model),
+        "exact",
+        rank,
+        threshold,
+        update,
     )
 
 
 def ours_map(s: Setup) -> torch.Tensor:
-    return map_probs(
-        s.model, s.tokenizer, s.test_examples, s.answer_ids, s.test[0].input_ids.shape[0], 512
-    )
+    """MAP probabilities (N, C) over the test batches: one no-grad forward each."""
+    return map_probs(s.model, s.test, s.answer_ids)
 
 
 def ours_predictive(s: Setup, post, samples: int = 10000):
     """Laplace predictive over the test batches: probabilities (N, C), contrast cov (N, K, K)."""
-
-    def logits_fn(model, batch):
-        return answer_logits(model, batch, s.answer_ids)
-
-    feats = jacobian_features(s.model, s.test, logits_fn, lora_modules(s.model), post)
+    feats = jacobian_features(s.model, s.test, logits_fn(s.answer_ids), lora_modules(s.model), post)
     cov = logit_covariance(feats, post)
     return predictive_probs(feats.mean, cov, "mc", samples, 0), cov
-
-
-def tuned(post):
-    """The posterior with its prior precision tuned by the marginal likelihood."""
-    return tune_prior(post)
 
 
 def scalar_prior(post) -> float:

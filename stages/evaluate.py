@@ -36,13 +36,7 @@ def main() -> None:
     cfg, pred = params.evaluate, params.predictive
     prior = json.loads(args.prior.read_text())
     post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
-    run = load_split_run(
-        params.card(args.model),
-        args.adapter,
-        args.data,
-        cfg.batch_size,
-        params.finetune.max_length,
-    )
+    run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
     feats = jacobian_features(
         run.model, run.batches, run.logits_fn, run.modules, post, progress=True
     )

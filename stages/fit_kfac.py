@@ -22,13 +22,7 @@ def main() -> None:
 
     params = load_params(args.params)
     cfg = params.kfac
-    run = load_split_run(
-        params.card(args.model),
-        args.adapter,
-        args.data,
-        cfg.batch_size,
-        params.finetune.max_length,
-    )
+    run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
     try:
         post = fit_kfac(
             run.model,

@@ -21,13 +21,7 @@ def tune_on_validation(params: Params, args: argparse.Namespace, post: Posterior
         raise SystemExit("prior.method val_nll supports prior.structure scalar only")
     if not read_split(args.val).examples:
         raise SystemExit("prior.method val_nll needs a validation split: set data.val_size > 0")
-    run = load_split_run(
-        params.card(args.model),
-        args.adapter,
-        args.val,
-        params.evaluate.batch_size,
-        params.finetune.max_length,
-    )
+    run = load_split_run(params, args.model, args.adapter, args.val, params.evaluate.batch_size)
     feats = jacobian_features(run.model, run.batches, run.logits_fn, run.modules, post)
     pred = params.predictive
     return tune_prior_nll(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lalora.config import ModelCard
+from lalora.config import ModelCard, Params
 from lalora.data import Example, read_split
 from lalora.models import (
     Batch,
@@ -70,15 +70,16 @@ class SplitRun:
 
 
 def load_split_run(
-    card: ModelCard, adapter_dir: Path, split_path: Path, batch_size: int, max_length: int
+    params: Params, model_name: str, adapter_dir: Path, split_path: Path, batch_size: int
 ) -> SplitRun:
-    """Read a prepared split, load the adapted model and tokenise the split into batches."""
+    """Read a prepared split, load the model's adapter and tokenise the split into batches of
+    ``batch_size`` (truncated to ``finetune.max_length``)."""
     split = read_split(split_path)
-    tok, model = load_adapted(card, adapter_dir)
+    tok, model = load_adapted(params.card(model_name), adapter_dir)
     examples = list(split.examples)
     return SplitRun(
         model=model,
-        batches=list(batches(tok, examples, batch_size, max_length)),
+        batches=list(batches(tok, examples, batch_size, params.finetune.max_length)),
         logits_fn=logits_fn(answer_token_ids(tok, split.answers)),
         modules=lora_modules(model),
         labels=torch.tensor([e.label for e in examples], dtype=torch.long),
@@ -99,10 +100,8 @@ def fingerprint(*parts: object) -> str:
 
 
 @torch.no_grad()
-def map_probs(model, tokenizer, examples, answer_ids: list[int], batch_size: int, max_length: int):
+def map_probs(model: nn.Module, batches: list[Batch], answer_ids: list[int]) -> Tensor:
     """MAP predictive probabilities (N, C): softmax of the answer logits, no gradients."""
-    out = [
-        torch.softmax(answer_logits(model, b, answer_ids).double(), -1)
-        for b in batches(tokenizer, examples, batch_size, max_length)
-    ]
-    return torch.cat(out)
+    return torch.cat(
+        [torch.softmax(answer_logits(model, b, answer_ids).double(), -1) for b in batches]
+    )
