@@ -17,7 +17,7 @@ from lalora.config import ModelCard, load_params
 from lalora.data import Example, load_winogrande_local, winogrande_prompt
 from lalora.generated import generate_task
 from lalora.laplace.kfac import fit_kfac
-from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
+from lalora.laplace.predictive import predict_covariance, predictive_probs
 from lalora.models import (
     Batch,
     answer_logits,
@@ -138,7 +138,7 @@ def ours_fit(s: Setup, batches: list[Batch], rank: int, threshold: int, update: 
         lora_modules(s.model),
         "exact",
         rank,
-        threshold,
+        threshold - 1,  # bayesian-lora's lr_threshold: sides >= threshold are low-rank
         update,
     )
 
@@ -150,9 +150,10 @@ def ours_map(s: Setup) -> torch.Tensor:
 
 def ours_predictive(s: Setup, post, samples: int = 10000):
     """Laplace predictive over the test batches: probabilities (N, C), contrast cov (N, K, K)."""
-    feats = jacobian_features(s.model, s.test, logits_fn(s.answer_ids), lora_modules(s.model), post)
-    cov = logit_covariance(feats, post)
-    return predictive_probs(feats.mean, cov, "mc", samples, 0), cov
+    mean, cov = predict_covariance(
+        s.model, s.test, logits_fn(s.answer_ids), lora_modules(s.model), post
+    )
+    return predictive_probs(mean, cov, "mc", samples, 0), cov
 
 
 def scalar_prior(post) -> float:

@@ -15,7 +15,7 @@ import torch
 from lalora.config import load_params
 from lalora.io import atomic_write_json
 from lalora.laplace.posterior import Posterior
-from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
+from lalora.laplace.predictive import predict_covariance, predictive_probs
 from lalora.metrics import score
 from lalora.pipeline import load_split_run
 
@@ -37,19 +37,19 @@ def main() -> None:
     prior = json.loads(args.prior.read_text())
     post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
     run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
-    feats = jacobian_features(
+    mean, cov = predict_covariance(
         run.model, run.batches, run.logits_fn, run.modules, post, progress=True
     )
-    cov = logit_covariance(feats, post)
     probs = {
-        "map": torch.softmax(feats.mean, -1),
-        "laplace": predictive_probs(feats.mean, cov, pred.link, pred.samples, pred.seed),
+        "map": torch.softmax(mean, -1),
+        "laplace": predictive_probs(mean, cov, pred.link, pred.samples, pred.seed),
     }
     result = {"model": args.model, "step": args.step}
     for method, p in probs.items():
         result[method] = score(p, run.labels, cfg.ece_bins).to_dict()
     result["prior_precision"] = prior["prior_precision"]
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
+    result["prior_at_edge"] = prior.get("at_edge")
     result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())
     atomic_write_json(args.out, result)
     print(

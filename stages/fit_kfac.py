@@ -31,7 +31,7 @@ def main() -> None:
             run.modules,
             fisher=cfg.fisher,
             rank=cfg.rank,
-            threshold=cfg.threshold,
+            max_dense=cfg.max_dense,
             update=cfg.update,
             seed=cfg.seed,
             progress=True,

@@ -11,7 +11,9 @@ from lalora.laplace.marglik import PriorSearchError, log_marginal_likelihood, tu
 from lalora.laplace.posterior import Posterior
 
 
-def tune_on_validation(params: Params, args: argparse.Namespace, post: Posterior) -> Posterior:
+def tune_on_validation(
+    params: Params, args: argparse.Namespace, post: Posterior
+) -> tuple[Posterior, str | None]:
     """Validation-NLL tuning: one Jacobian pass over the validation split, then a 1-D search."""
     from lalora.data import read_split
     from lalora.laplace.predictive import jacobian_features, tune_prior_nll
@@ -52,6 +54,7 @@ def main() -> None:
     params = load_params(args.params)
     post = Posterior.load(args.kfac)
     try:
+        edge = None
         if params.prior.method == "marglik":
             tuned = tune_prior(
                 post,
@@ -62,7 +65,7 @@ def main() -> None:
                 where=args.where,
             )
         else:
-            tuned = tune_on_validation(params, args, post)
+            tuned, edge = tune_on_validation(params, args, post)
     except PriorSearchError as err:
         raise SystemExit(str(err)) from None
     values = list(tuned.prior_precision.values())
@@ -73,6 +76,7 @@ def main() -> None:
             "structure": params.prior.structure,
             "prior_precision": values[0] if params.prior.structure == "scalar" else None,
             "prior_precision_by_module": tuned.prior_precision,
+            "at_edge": edge,
             "log_marginal_likelihood": log_marginal_likelihood(tuned),
             "n_params": tuned.n_params,
             "n_data": tuned.n_data,

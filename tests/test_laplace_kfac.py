@@ -58,7 +58,7 @@ def test_one_datum_kfac_equals_ggn_block(C):
     model = mlp_case(C=C)
     mods = lora_modules(model)
     batch = mlp_data(1, C)
-    post = fit_kfac(model, [batch], mlp_logits, mods, threshold=10**6)
+    post = fit_kfac(model, [batch], mlp_logits, mods, max_dense=10**6)
     names = list(mods)
     J = dense_jacobian(model, batch, mlp_logits, names)
     ggn = dense_ggn(J, model(batch.x).detach())
@@ -81,7 +81,7 @@ def test_factors_equal_curvlinops_type2_expand(C):
     mods = lora_modules(model)
     logits_fn = llama_logits_fn(C)
     batches = [llama_batch([6, 6, 6], C=C, seed=s) for s in range(2)]
-    post = fit_kfac(model, batches, logits_fn, mods, threshold=10**6)
+    post = fit_kfac(model, batches, logits_fn, mods, max_dense=10**6)
 
     class Classifier(torch.nn.Module):
         def __init__(self):
@@ -117,9 +117,9 @@ def test_batch_invariance_and_repetition():
     model = mlp_case(C=4)
     mods = lora_modules(model)
     data = mlp_data(12, 4)
-    whole = fit_kfac(model, [data], mlp_logits, mods, threshold=10**6)
-    parts = fit_kfac(model, split(data, [5, 4, 3]), mlp_logits, mods, threshold=10**6)
-    rep = fit_kfac(model, [data, data, data], mlp_logits, mods, threshold=10**6)
+    whole = fit_kfac(model, [data], mlp_logits, mods, max_dense=10**6)
+    parts = fit_kfac(model, split(data, [5, 4, 3]), mlp_logits, mods, max_dense=10**6)
+    rep = fit_kfac(model, [data, data, data], mlp_logits, mods, max_dense=10**6)
     for name in mods:
         A1, G1 = full_factors(whole, name)
         A2, G2 = full_factors(parts, name)
@@ -159,9 +159,9 @@ def test_padding_contributes_nothing_left_or_right():
             right.attention_mask[i : i + 1, sl],
             right.labels[i : i + 1],
         )
-    p_right = fit_kfac(model, [right], fn, mods, threshold=10**6)
-    p_left = fit_kfac(model, [left], fn, mods, threshold=10**6)
-    p_single = fit_kfac(model, singles, fn, mods, threshold=10**6)
+    p_right = fit_kfac(model, [right], fn, mods, max_dense=10**6)
+    p_left = fit_kfac(model, [left], fn, mods, max_dense=10**6)
+    p_single = fit_kfac(model, singles, fn, mods, max_dense=10**6)
     for name in mods:
         for other in (p_left, p_single):
             A1, G1 = full_factors(p_right, name)
@@ -181,10 +181,36 @@ def test_zero_gradients_give_valid_factors(update):
             if ".lora_B." in name:
                 m.weight.zero_()
     post = fit_kfac(
-        model, [llama_batch([4, 6])], llama_logits_fn(2), mods, rank=2, threshold=4, update=update
+        model, [llama_batch([4, 6])], llama_logits_fn(2), mods, rank=2, max_dense=3, update=update
     )
     for name, m in post.modules.items():
         for f in (m.a, m.g):
             assert torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()
         if ".lora_A." in name:
             assert float(m.g.evals.abs().max()) == 0.0
+
+
+def test_lora_a_maps_reading_one_input_share_one_factor(tmp_path):
+    """q_proj and v_proj LoRA-A read the same hidden states: one input factor, stored once."""
+    import json
+
+    from lalora.laplace.posterior import Posterior
+
+    model = llama_case()
+    mods = lora_modules(model)
+    batches = [llama_batch([4, 6], seed=1), llama_batch([5, 3], seed=2)]
+    post = fit_kfac(model, batches, llama_logits_fn(2), mods, max_dense=10**6)
+    prefix = "base_model.model.model.layers.{}.self_attn.{}_proj.lora_A.default"
+    for layer in range(2):
+        q, v = (post.modules[prefix.format(layer, p)] for p in ("q", "v"))
+        assert q.a is v.a and q.n_rows == v.n_rows == 18
+        assert q.g is not v.g
+    # the shared factor is the one each module would get alone
+    alone = fit_kfac(model, batches, llama_logits_fn(2), {"q": mods[prefix.format(0, "q")]})
+    report_close(post.modules[prefix.format(0, "q")].a.dense(), alone.modules["q"].a.dense())
+    post.save(tmp_path)
+    meta = json.loads((tmp_path / "posterior.json").read_text())
+    assert sorted(meta["same_as"]) == [prefix.format(i, "v") + "/a" for i in range(2)]
+    loaded = Posterior.load(tmp_path)
+    q, v = (loaded.modules[prefix.format(1, p)] for p in ("q", "v"))
+    assert q.a is v.a and torch.equal(q.a.evecs, post.modules[prefix.format(1, "q")].a.evecs)

@@ -36,7 +36,7 @@ def exact(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_rank_at_least_dim_is_dense_and_exact():
     rows = decaying_rows(50, 12)
     for update in ("svd", "nystrom"):
-        acc = make_accumulator(12, rank=12, threshold=4, update=update)
+        acc = make_accumulator(12, rank=12, max_dense=3, update=update)
         assert isinstance(acc, DenseAccumulator)
         report_close(stream(acc, rows).finalize().dense(), rows.T @ rows, atol=1e-12)
 

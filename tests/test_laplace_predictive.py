@@ -25,12 +25,12 @@ from lalora.laplace.predictive import contrast_matrix, tune_prior_nll
 from lalora.models import lora_modules
 
 
-def setup(C: int, threshold: int = 10**6, rank: int = 10, update: str = "svd"):
+def setup(C: int, max_dense: int = 10**6, rank: int = 10, update: str = "svd"):
     model = llama_case()
     mods = lora_modules(model)
     fn = llama_logits_fn(C)
     train = [llama_batch([5, 7, 4], C=C, seed=s) for s in range(3)]
-    post = fit_kfac(model, train, fn, mods, threshold=threshold, rank=rank, update=update)
+    post = fit_kfac(model, train, fn, mods, max_dense=max_dense, rank=rank, update=update)
     return model, mods, fn, post
 
 
@@ -41,9 +41,9 @@ def dense_log_z(post: Posterior, lam: float) -> float:
     return post.log_likelihood - lam / 2 * post.theta_sq + P / 2 * math.log(lam) - float(logdet) / 2
 
 
-@pytest.mark.parametrize(("threshold", "update"), [(10**6, "svd"), (8, "svd"), (8, "nystrom")])
-def test_log_marginal_likelihood_equals_dense(threshold, update):
-    _, _, _, post = setup(2, threshold=threshold, rank=3, update=update)
+@pytest.mark.parametrize(("max_dense", "update"), [(10**6, "svd"), (7, "svd"), (7, "nystrom")])
+def test_log_marginal_likelihood_equals_dense(max_dense, update):
+    _, _, _, post = setup(2, max_dense=max_dense, rank=3, update=update)
     for lam in (1e-2, 1.0, 37.0):
         assert log_marginal_likelihood(post, lam) == pytest.approx(
             dense_log_z(post, lam), rel=1e-10
@@ -77,9 +77,9 @@ def test_unbracketed_prior_search_names_where():
 
 
 @pytest.mark.parametrize("C", [2, 4])
-@pytest.mark.parametrize("threshold", [10**6, 8])
-def test_predictive_covariance_equals_dense(C, threshold):
-    model, mods, fn, post = setup(C, threshold=threshold, rank=3)
+@pytest.mark.parametrize("max_dense", [10**6, 7])
+def test_predictive_covariance_equals_dense(C, max_dense):
+    model, mods, fn, post = setup(C, max_dense=max_dense, rank=3)
     post = post.with_prior(0.7)
     test = llama_batch([6, 3, 8], C=C, seed=11)
     feats = jacobian_features(model, [test], fn, mods, post)
@@ -132,7 +132,7 @@ def test_mc_converges_to_analytic_expectation_and_probit_formula():
 
 
 def test_padding_invariance_of_predictions():
-    model, mods, fn, post = setup(2, threshold=8, rank=3)
+    model, mods, fn, post = setup(2, max_dense=7, rank=3)
     post = post.with_prior(2.0)
     right = llama_batch([3, 8, 5], seed=5, padding_side="right")
     left = llama_batch([3, 8, 5], seed=5, padding_side="left")
@@ -143,7 +143,7 @@ def test_padding_invariance_of_predictions():
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
-    model, mods, fn, post = setup(4, threshold=8, rank=3)
+    model, mods, fn, post = setup(4, max_dense=7, rank=3)
     post = tune_prior(post)
     post.save(tmp_path / "post")
     loaded = Posterior.load(tmp_path / "post")
@@ -172,7 +172,27 @@ def test_validation_nll_tuning_finds_the_grid_minimum():
         p = post.with_prior(lam)
         return nll(predictive_probs(feats.mean, logit_covariance(feats, p), "probit"), labels)
 
-    tuned = tune_prior_nll(feats, labels, post, link="probit", log10_min=-6, log10_max=8)
+    tuned, edge = tune_prior_nll(feats, labels, post, link="probit", log10_min=-6, log10_max=8)
+    assert edge is None
     lam = next(iter(tuned.prior_precision.values()))
     grid = [10.0**x for x in np.linspace(-6, 8, 281)]
     assert val_nll(lam) <= min(val_nll(g) for g in grid) + 1e-12
+
+
+@pytest.mark.parametrize(
+    ("all_right", "edge", "log10_lam"), [(True, "high", 6.0), (False, "low", -4.0)]
+)
+def test_validation_nll_optimum_at_an_edge_is_recorded_with_a_warning(all_right, edge, log10_lam):
+    """Right everywhere: the MAP (high edge) is best; wrong everywhere: the uniform (low edge)."""
+    from lalora.laplace.predictive import PriorAtEdgeWarning
+
+    model, mods, fn, post = setup(2)
+    val = llama_batch([5, 6, 7, 4, 6, 5, 3, 7], seed=9)
+    feats = jacobian_features(model, [val], fn, mods, post)
+    labels = (feats.mean[:, 0] < feats.mean[:, 1]).long()  # the MAP's own answers
+    if not all_right:
+        labels = 1 - labels
+    with pytest.warns(PriorAtEdgeWarning, match=f"checkpoint 3.*{edge} edge"):
+        tuned, at = tune_prior_nll(feats, labels, post, link="probit", where="checkpoint 3")
+    assert at == edge
+    assert next(iter(tuned.prior_precision.values())) == pytest.approx(10.0**log10_lam)

@@ -124,18 +124,19 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class KfacConfig:
-    """Kronecker factors: Fisher type, low-rank update, rank ``k`` and size threshold."""
+    """Kronecker factors: Fisher type, low-rank update, rank ``k``; sides up to ``max_dense`` are
+    kept dense (exact), larger ones low-rank."""
 
     fisher: Literal["exact", "mc", "empirical"] = "exact"
     update: Literal["svd", "nystrom"] = "svd"
     rank: int = 10
-    threshold: int = 256
+    max_dense: int = 4096
     batch_size: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rank <= 0 or self.threshold <= 0 or self.batch_size <= 0:
-            raise ConfigError("kfac.rank, kfac.threshold and kfac.batch_size must be positive")
+        if self.rank <= 0 or self.max_dense < 0 or self.batch_size <= 0:
+            raise ConfigError("kfac.rank and kfac.batch_size must be positive, kfac.max_dense >= 0")
 
 
 @dataclass(frozen=True)

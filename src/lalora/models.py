@@ -253,3 +253,21 @@ def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
     if not out:
         raise ModelError("the model has no LoRA modules (lora_A / lora_B)")
     return out
+
+
+def adapter_lora_weights(adapter_dir: Path, names: list[str]) -> dict[str, Tensor]:
+    """The weights of a saved PEFT adapter for the LoRA modules ``names`` (as named by
+    :func:`lora_modules`, e.g. ``...q_proj.lora_A.default``), read from its safetensors file."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise ModelError(f"no adapter weights in {adapter_dir} (adapter_model.safetensors missing)")
+    saved = load_file(str(path))
+    out = {}
+    for name in names:
+        key = name.rsplit(".", 1)[0] + ".weight"  # drop the adapter name ("default")
+        if key not in saved:
+            raise ModelError(f"{path} has no weight {key!r} for LoRA module {name}")
+        out[name] = saved[key]
+    return out

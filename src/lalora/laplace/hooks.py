@@ -3,6 +3,9 @@
 Layout used throughout ``lalora.laplace``: a module with weight (d_out, d_in) sees inputs ``a`` of
 shape (B, T, d_in) (or (B, d_in), read as T = 1) and output gradients ``g`` of shape (B, T, d_out).
 Padding positions (``mask == 0``) are zeroed in both, so they contribute nothing to any sum.
+Modules that read the very same input tensor in one forward pass (the ``q_proj`` and ``v_proj``
+LoRA-A maps of a layer both read its normalised hidden states) are reported as sharing it, so
+their input statistics are accumulated once.
 """
 
 from __future__ import annotations
@@ -17,20 +20,34 @@ from torch import Tensor, nn
 class Tap:
     """Records, per module name, the masked input (B, T, d_in) of the current forward pass and
     calls ``on_grad(name, a, g)`` with the masked output gradient (B, T, d_out) on each backward.
+    ``on_input(name, a, source)`` is called on each forward, ``source`` being the first module
+    that read the same input tensor in this forward pass (``name`` itself if none did). Set
+    ``mask`` before each forward pass: it starts a new pass.
     """
 
     def __init__(
         self,
         modules: dict[str, nn.Linear],
         on_grad: Callable[[str, Tensor, Tensor], None],
-        on_input: Callable[[str, Tensor], None] | None = None,
+        on_input: Callable[[str, Tensor, str], None] | None = None,
     ):
         self.modules = modules
         self.on_grad = on_grad
         self.on_input = on_input
         self.inputs: dict[str, Tensor] = {}
-        self.mask: Tensor | None = None
+        self._mask: Tensor | None = None
+        # input tensors seen in this pass (kept alive, so no address is reused within it)
+        self._seen: dict[tuple, tuple[str, Tensor]] = {}
         self._handles: list = []
+
+    @property
+    def mask(self) -> Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: Tensor | None) -> None:
+        self._mask = mask
+        self._seen.clear()
 
     def _expand(self, x: Tensor) -> Tensor:
         x = x.detach()
@@ -48,9 +65,15 @@ class Tap:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.inputs[name] = self._expand(inputs[0])
+            x = inputs[0]
+            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+            source = self._seen.setdefault(key, (name, x))[0]
+            if source == name:
+                self.inputs[name] = self._expand(x)
+            else:
+                self.inputs[name] = self.inputs[source]
             if self.on_input is not None:
-                self.on_input(name, self.inputs[name])
+                self.on_input(name, self.inputs[name], source)
             if output.requires_grad:
                 output.register_hook(
                     lambda g: self.on_grad(name, self.inputs[name], self._expand(g))

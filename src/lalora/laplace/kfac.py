@@ -86,7 +86,7 @@ def fit_kfac(
     modules: dict[str, nn.Linear],
     fisher: Fisher | str = Fisher.EXACT,
     rank: int = 10,
-    threshold: int = 256,
+    max_dense: int = 4096,
     update: LowRankUpdate | str = LowRankUpdate.SVD,
     seed: int = 0,
     progress: bool = False,
@@ -100,7 +100,8 @@ def fit_kfac(
         logits_fn: ``logits_fn(model, batch) -> (B, C)`` answer logits.
         modules: name -> linear map whose weight (d_out, d_in) gets factors.
         fisher: ``exact`` (C - 1 passes), ``mc`` or ``empirical`` (one pass each).
-        rank, threshold, update: sides of size >= threshold (and > rank) are kept low-rank.
+        rank, max_dense, update: sides larger than ``max_dense`` (and than ``rank``) are kept
+            low-rank (rank ``rank``, by ``update``); the others dense.
 
     Returns:
         A :class:`Posterior` without a prior (see :func:`lalora.laplace.marglik.tune_prior`).
@@ -108,14 +109,27 @@ def fit_kfac(
     fisher = Fisher(fisher)
     update = LowRankUpdate(update).value
     a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
-    for i, (name, mod) in enumerate(modules.items()):
-        d_out, d_in = mod.weight.shape
-        a_acc[name] = make_accumulator(d_in, rank, threshold, update, seed=seed + 2 * i)
-        g_acc[name] = make_accumulator(d_out, rank, threshold, update, seed=seed + 2 * i + 1)
+    index = {name: i for i, name in enumerate(modules)}
+    for name, mod in modules.items():
+        d_out = mod.weight.shape[0]
+        g_acc[name] = make_accumulator(
+            d_out, rank, max_dense, update, seed=seed + 2 * index[name] + 1
+        )
+    shared: dict[str, str] = {}  # module -> the module whose input (and input factor) it shares
     gen = torch.Generator().manual_seed(seed)
     n_data, log_lik = 0, 0.0
 
-    def on_input(name: str, a: Tensor) -> None:  # a (B, T, d_in), padding zeroed
+    def on_input(name: str, a: Tensor, source: str) -> None:  # a (B, T, d_in), padding zeroed
+        if shared.get(name, name) != source and (name in shared or name in a_acc):
+            raise RuntimeError(f"module {name} changed which module's input it shares")
+        if source != name:  # the same activations as an earlier module: one factor
+            shared[name] = source
+            return
+        if name not in a_acc:
+            d_in = modules[name].weight.shape[1]
+            a_acc[name] = make_accumulator(
+                d_in, rank, max_dense, update, seed=seed + 2 * index[name]
+            )
         mask = tap.mask
         rows = (
             int(mask.sum())
@@ -147,12 +161,17 @@ def fit_kfac(
     model.train(was_training)
 
     factors = {}
+    a_factors = {n: acc.finalize(1.0 / max(n_rows[n], 1)) for n, acc in a_acc.items()}
     for name, mod in modules.items():
-        a = a_acc[name].finalize(1.0 / max(n_rows[name], 1))
+        source = shared.get(name, name)
+        if source not in a_factors:  # never reached by the data: a zero factor
+            d_in = mod.weight.shape[1]
+            a_factors[source] = make_accumulator(d_in, rank, max_dense, update).finalize()
+        a = a_factors[source]  # one object for modules sharing an input
         g = g_acc[name].finalize(1.0)
         for side, f in (("input", a), ("output-gradient", g)):
             if not (torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()):
                 raise NonFiniteError(f"non-finite {side} factor in module {name}")
         theta_sq = float(mod.weight.detach().double().pow(2).sum())
-        factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=n_rows[name])
+        factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=n_rows[source])
     return Posterior(modules=factors, n_data=n_data, fisher=fisher.value, log_likelihood=log_lik)

@@ -1,7 +1,7 @@
 """Low-rank Kronecker factors: streaming accumulation and eigendecomposition.
 
 A Kronecker factor F = sum_rows x x^T of side d is kept as its eigendecomposition
-``F ~ Q diag(lam) Q^T`` with Q of shape (d, k): k = d (dense) when d is below the size threshold
+``F ~ Q diag(lam) Q^T`` with Q of shape (d, k): k = d (dense) when d is at most ``max_dense``
 or the rank is at least d, else k = rank (low-rank). Three accumulators share one interface
 (``update(rows)`` with rows (m, d), ``finalize(scale) -> Factor``):
 
@@ -147,11 +147,11 @@ Accumulator = DenseAccumulator | SvdAccumulator | NystromAccumulator
 
 
 def make_accumulator(
-    dim: int, rank: int, threshold: int, update: str, seed: int = 0, oversample: int = 10
+    dim: int, rank: int, max_dense: int, update: str, seed: int = 0, oversample: int = 10
 ) -> Accumulator:
-    """Dense below ``threshold`` or when ``rank >= dim``; else the low-rank ``update``
+    """Dense up to ``max_dense`` or when ``rank >= dim``; else the low-rank ``update``
     ("svd" or "nystrom", the latter with sketch size 2 * rank + oversample)."""
-    if dim < threshold or rank >= dim:
+    if dim <= max_dense or rank >= dim:
         return DenseAccumulator(dim)
     if update == "svd":
         return SvdAccumulator(dim, rank)

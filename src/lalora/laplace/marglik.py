@@ -63,21 +63,38 @@ def log_marginal_likelihood(
 
 @dataclass(frozen=True)
 class SearchResult:
+    """The best log10 lambda, its objective, the grid, and ``at_edge`` ("low" or "high") when
+    the optimum is not bracketed and the edge was accepted."""
+
     log10_precision: float
     value: float
     grid: list[tuple[float, float]]
+    at_edge: str | None = None
 
 
 def maximise_log10(
-    objective: Callable[[float], float], lo: float, hi: float, grid: int, where: str
+    objective: Callable[[float], float],
+    lo: float,
+    hi: float,
+    grid: int,
+    where: str,
+    accept_edge: bool = False,
 ) -> SearchResult:
     """Maximise ``objective(log10 lambda)``: a grid, then golden-section search around the best
-    grid point to 1e-8 in log10. Deterministic. Raises if the best point is on the range's edge."""
+    grid point to 1e-8 in log10. Deterministic. If the best point is on the range's edge, raises
+    :class:`PriorSearchError`, or with ``accept_edge`` returns that edge (``at_edge``)."""
     xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
     ys = [objective(x) for x in xs]
     if not all(math.isfinite(y) for y in ys):
         raise PriorSearchError(f"{where}: non-finite objective on the prior grid")
     best = max(range(grid), key=lambda i: ys[i])
+    if best in (0, grid - 1) and accept_edge:
+        return SearchResult(
+            log10_precision=xs[best],
+            value=ys[best],
+            grid=list(zip(xs, ys, strict=True)),
+            at_edge="low" if best == 0 else "high",
+        )
     if best in (0, grid - 1):
         raise PriorSearchError(
             f"{where}: the optimum is not bracketed in log10(prior precision) in [{lo}, {hi}] "

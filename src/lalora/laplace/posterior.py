@@ -2,7 +2,8 @@
 
 Posterior precision per module m: A_m (x) G_m + lambda_m I (block-diagonal over modules), vec
 column-major so that vec(g a^T) = a (x) g. Nothing of size P x P is ever formed: memory is
-O(sum_m k * d_large + d_small^2). Saved as ``factors.safetensors`` plus ``posterior.json``.
+O(sum_m k * d_large + d_small^2). Saved as ``factors.safetensors`` plus ``posterior.json``; a
+factor object shared by several modules (LoRA-A maps reading the same input) is stored once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from lalora.io import atomic_write_json
 from lalora.laplace.kron import Factor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a factor shared by several modules is stored once ("same_as")
 
 
 @dataclass(frozen=True)
@@ -69,16 +70,30 @@ class Posterior:
             raise ValueError("prior precision must be positive")
         return replace(self, prior_precision=prior)
 
+    def with_theta_sq(self, theta_sq: dict[str, float]) -> Posterior:
+        """A copy with ||theta*_m - mu_m||^2 per module for a prior centred at mu (e.g. the
+        LoRA initialisation) instead of zero; only log Z depends on it."""
+        missing = set(self.modules) - set(theta_sq)
+        if missing:
+            raise ValueError(f"squared distance missing for modules {sorted(missing)[:3]}...")
+        modules = {n: replace(m, theta_sq=float(theta_sq[n])) for n, m in self.modules.items()}
+        return replace(self, modules=modules)
+
     def save(self, folder: str | Path) -> None:
         """``factors.safetensors`` + ``posterior.json`` (format version, names, scalars)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {}
+        tensors, stored, same_as = {}, {}, {}
         for name, m in self.modules.items():
             for side in ("a", "g"):
                 f: Factor = getattr(m, side)
-                tensors[f"{name}/{side}/evecs"] = f.evecs.contiguous()
-                tensors[f"{name}/{side}/evals"] = f.evals.contiguous()
+                key = f"{name}/{side}"
+                if id(f) in stored:
+                    same_as[key] = stored[id(f)]
+                    continue
+                stored[id(f)] = key
+                tensors[f"{key}/evecs"] = f.evecs.contiguous()
+                tensors[f"{key}/evals"] = f.evals.contiguous()
         tmp = folder / ".factors.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(folder / "factors.safetensors")
@@ -90,6 +105,7 @@ class Posterior:
                 "fisher": self.fisher,
                 "log_likelihood": self.log_likelihood,
                 "prior_precision": self.prior_precision,
+                "same_as": same_as,
                 "modules": {
                     n: {"theta_sq": m.theta_sq, "n_rows": m.n_rows} for n, m in self.modules.items()
                 },
@@ -103,18 +119,24 @@ class Posterior:
         if not meta_path.exists():
             raise FileNotFoundError(f"no posterior in {folder} (posterior.json missing)")
         meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in (1, FORMAT_VERSION):
             raise ValueError(
                 f"{meta_path}: format version {meta.get('format_version')}, "
                 f"expected {FORMAT_VERSION}"
             )
         tensors = load_file(str(folder / "factors.safetensors"))
+        same_as = meta.get("same_as", {})
+        loaded: dict[str, Factor] = {}
+
+        def factor(key: str) -> Factor:
+            key = same_as.get(key, key)
+            if key not in loaded:
+                loaded[key] = Factor(tensors[f"{key}/evecs"], tensors[f"{key}/evals"])
+            return loaded[key]
+
         modules = {}
         for name, info in meta["modules"].items():
-            sides = {
-                s: Factor(tensors[f"{name}/{s}/evecs"], tensors[f"{name}/{s}/evals"])
-                for s in ("a", "g")
-            }
+            sides = {s: factor(f"{name}/{s}") for s in ("a", "g")}
             modules[name] = ModuleFactors(
                 a=sides["a"], g=sides["g"], theta_sq=info["theta_sq"], n_rows=info["n_rows"]
             )

@@ -18,7 +18,7 @@ Q_G^T J_c Q_A (K, k_g, k_a) per module, so the covariance at any prior precision
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kfac import LogitsFn, NonFiniteError
-from lalora.laplace.posterior import Posterior
+from lalora.laplace.posterior import ModuleFactors, Posterior
 
 
 class Link(StrEnum):
@@ -51,6 +51,47 @@ def contrast_matrix(C: int) -> Tensor:
     return torch.cat([torch.eye(C - 1), -torch.ones(C - 1, 1)], dim=1).double()
 
 
+def contrast_jacobians(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    """Per batch, the MAP logits (B, C) and, per module, the per-example Jacobians of the
+    K = C - 1 logit contrasts, (B, K, d_out, d_in) in float64: one forward and K backward passes.
+    """
+    jac: dict[str, list[Tensor]] = {n: [] for n in modules}
+
+    def on_grad(name: str, a: Tensor, g: Tensor) -> None:
+        # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
+        jac[name].append(torch.einsum("bto,bti->boi", g.double(), a.double()))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with lora_grad_enabled(modules) as params, Tap(modules, on_grad) as tap:
+            for b, batch in enumerate(
+                tqdm(batches, desc="jacobians", disable=not progress, total=total)
+            ):
+                tap.mask = getattr(batch, "attention_mask", None)
+                logits = logits_fn(model, batch)  # (B, C)
+                if not torch.isfinite(logits).all():
+                    raise NonFiniteError(f"non-finite logits in batch {b}")
+                B, C = logits.shape
+                D = contrast_matrix(C)  # (K, C)
+                vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
+                output_gradients(logits, vectors, params)
+                out = {}
+                for name in modules:
+                    out[name] = torch.stack(jac[name], dim=1)  # (B, K, d_out, d_in)
+                    jac[name].clear()
+                yield logits.detach().double(), out
+    finally:
+        model.train(was_training)
+
+
 def jacobian_features(
     model: nn.Module,
     batches: Iterable[Any],
@@ -64,35 +105,13 @@ def jacobian_features(
     means: list[Tensor] = []
     frob: dict[str, list[Tensor]] = {n: [] for n in modules}
     proj: dict[str, list[Tensor]] = {n: [] for n in modules}
-    jac: dict[str, list[Tensor]] = {n: [] for n in modules}
-
-    def on_grad(name: str, a: Tensor, g: Tensor) -> None:
-        # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
-        jac[name].append(torch.einsum("bto,bti->boi", g.double(), a.double()))
-
-    was_training = model.training
-    model.eval()
-    with lora_grad_enabled(modules) as params, Tap(modules, on_grad) as tap:
-        for b, batch in enumerate(
-            tqdm(batches, desc="jacobians", disable=not progress, total=total)
-        ):
-            tap.mask = getattr(batch, "attention_mask", None)
-            logits = logits_fn(model, batch)  # (B, C)
-            if not torch.isfinite(logits).all():
-                raise NonFiniteError(f"non-finite logits in batch {b}")
-            B, C = logits.shape
-            D = contrast_matrix(C)  # (K, C)
-            vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
-            output_gradients(logits, vectors, params)
-            means.append(logits.detach().double())
-            for name in modules:
-                J = torch.stack(jac[name], dim=1)  # (B, K, d_out, d_in)
-                jac[name].clear()
-                m = post.modules[name]
-                frob[name].append(torch.einsum("bkoi,bloi->bkl", J, J))
-                JQa = J @ m.a.evecs  # (B, K, d_out, k_a)
-                proj[name].append(torch.einsum("og,bkoa->bkga", m.g.evecs, JQa))
-    model.train(was_training)
+    for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
+        means.append(logits)
+        for name, J in jac.items():  # J (B, K, d_out, d_in)
+            m = post.modules[name]
+            frob[name].append(torch.einsum("bkoi,bloi->bkl", J, J))
+            JQa = J @ m.a.evecs  # (B, K, d_out, k_a)
+            proj[name].append(torch.einsum("og,bkoa->bkga", m.g.evecs, JQa))
     return JacobianFeatures(
         mean=torch.cat(means),
         frob={n: torch.cat(v) for n, v in frob.items()},
@@ -100,18 +119,48 @@ def jacobian_features(
     )
 
 
+def _module_covariance(frob: Tensor, proj: Tensor, m: ModuleFactors, lam: float) -> Tensor:
+    """One module's term (N, K, K) from ``frob`` (N, K, K) and ``proj`` (N, K, k_g, k_a)."""
+    w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam) - 1.0 / lam  # (k_g, k_a)
+    return frob / lam + torch.einsum("nkga,nlga,ga->nkl", proj, proj, w)
+
+
 def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
     """Covariance (N, K, K) of the logit contrasts at the posterior's prior precision."""
     if not post.prior_precision:
         raise ValueError("the posterior has no prior precision; tune it first")
-    cov = None
-    for name, m in post.modules.items():
-        lam = post.prior_precision[name]
-        w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam) - 1.0 / lam  # (k_g, k_a)
-        P = features.proj[name]  # (N, K, k_g, k_a)
-        term = features.frob[name] / lam + torch.einsum("nkga,nlga,ga->nkl", P, P, w)
-        cov = term if cov is None else cov + term
+    cov = sum(
+        _module_covariance(features.frob[n], features.proj[n], m, post.prior_precision[n])
+        for n, m in post.modules.items()
+    )
     return (cov + cov.transpose(1, 2)) / 2
+
+
+def predict_covariance(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    post: Posterior,
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """MAP logits (N, C) and the contrast covariance (N, K, K) at the posterior's prior,
+    batch by batch: unlike :func:`jacobian_features`, nothing of size P per example is kept
+    (with dense factors the projections are P numbers per example)."""
+    if not post.prior_precision:
+        raise ValueError("the posterior has no prior precision; tune it first")
+    means, covs = [], []
+    for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
+        means.append(logits)
+        cov = 0
+        for name, J in jac.items():  # J (B, K, d_out, d_in)
+            m = post.modules[name]
+            frob = torch.einsum("bkoi,bloi->bkl", J, J)
+            proj = torch.einsum("og,bkoa->bkga", m.g.evecs, J @ m.a.evecs)
+            cov = cov + _module_covariance(frob, proj, m, post.prior_precision[name])
+        covs.append((cov + cov.transpose(1, 2)) / 2)
+    return torch.cat(means), torch.cat(covs)
 
 
 def predictive_probs(
@@ -162,9 +211,8 @@ def predict(
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Laplace predictive probabilities (N, C) and the contrast covariance (N, K, K)."""
-    feats = jacobian_features(model, batches, logits_fn, modules, post, progress)
-    cov = logit_covariance(feats, post)
-    return predictive_probs(feats.mean, cov, link, samples, seed), cov
+    mean, cov = predict_covariance(model, batches, logits_fn, modules, post, progress)
+    return predictive_probs(mean, cov, link, samples, seed), cov
 
 
 def nll(probs: Tensor, labels: Tensor) -> float:
@@ -182,8 +230,17 @@ def tune_prior_nll(
     log10_max: float = 6.0,
     grid: int = 41,
     where: str = "posterior",
-) -> Posterior:
-    """Scalar prior precision minimising the validation NLL of the linearised predictive."""
+) -> tuple[Posterior, str | None]:
+    """Scalar prior precision minimising the validation NLL of the linearised predictive, and
+    ``"low"``/``"high"`` when that minimum lies at an edge of the range.
+
+    An edge is a result, not an error: at the low edge the predictive tends to the uniform
+    distribution (the model's answers on the validation split are worse than chance), at the
+    high edge to the MAP (the MAP is already as calibrated as the posterior can make it). It is
+    returned with a :class:`PriorAtEdgeWarning`.
+    """
+    import warnings
+
     from lalora.laplace.marglik import maximise_log10
 
     def objective(x: float) -> float:
@@ -191,5 +248,17 @@ def tune_prior_nll(
         probs = predictive_probs(features.mean, logit_covariance(features, p), link, samples, seed)
         return -nll(probs, labels)
 
-    res = maximise_log10(objective, log10_min, log10_max, grid, where)
-    return post.with_prior(10.0**res.log10_precision)
+    res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge=True)
+    if res.at_edge is not None:
+        meaning = "the uniform predictive" if res.at_edge == "low" else "the MAP predictive"
+        warnings.warn(
+            f"{where}: the validation NLL is lowest at the {res.at_edge} edge of the prior range "
+            f"(lambda = 1e{res.log10_precision:g}, {meaning}); recorded as such",
+            PriorAtEdgeWarning,
+            stacklevel=2,
+        )
+    return post.with_prior(10.0**res.log10_precision), res.at_edge
+
+
+class PriorAtEdgeWarning(UserWarning):
+    """A prior tuned on validation NLL sits at an edge of its search range."""
