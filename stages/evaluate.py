@@ -49,7 +49,7 @@ def main() -> None:
         result[method] = score(p, run.labels, cfg.ece_bins).to_dict()
     result["prior_precision"] = prior["prior_precision"]
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
-    result["prior_at_edge"] = prior.get("at_edge")
+    result["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
     result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())
     atomic_write_json(args.out, result)
     print(

@@ -184,7 +184,7 @@ def test_validation_nll_tuning_finds_the_grid_minimum():
 )
 def test_validation_nll_optimum_at_an_edge_is_recorded_with_a_warning(all_right, edge, log10_lam):
     """Right everywhere: the MAP (high edge) is best; wrong everywhere: the uniform (low edge)."""
-    from lalora.laplace.predictive import PriorAtEdgeWarning
+    from lalora.laplace.marglik import PriorAtEdgeWarning
 
     model, mods, fn, post = setup(2)
     val = llama_batch([5, 6, 7, 4, 6, 5, 3, 7], seed=9)
@@ -196,3 +196,21 @@ def test_validation_nll_optimum_at_an_edge_is_recorded_with_a_warning(all_right,
         tuned, at = tune_prior_nll(feats, labels, post, link="probit", where="checkpoint 3")
     assert at == edge
     assert next(iter(tuned.prior_precision.values())) == pytest.approx(10.0**log10_lam)
+
+
+def test_marglik_optimum_at_an_edge_raises_or_is_recorded():
+    """A prior centred at theta* itself: log Z grows with lambda, the posterior is the MAP."""
+    from lalora.laplace.marglik import PriorAtEdgeWarning, edges_of, squared_distances
+
+    _, mods, _, post = setup(2)
+    weights = {n: m.weight.detach() for n, m in mods.items()}
+    centred = post.with_theta_sq(squared_distances(weights, weights))
+    with pytest.raises(PriorSearchError, match="not bracketed"):
+        tune_prior(centred)
+    for structure in ("scalar", "layerwise"):
+        with pytest.warns(PriorAtEdgeWarning, match="step 0.*high edge"):
+            tuned = tune_prior(centred, structure, accept_edge=True, where="step 0")
+        assert edges_of(tuned.prior_precision, -4.0, 6.0) == dict.fromkeys(post.modules, "high")
+    shifted = {n: w + 1.0 for n, w in weights.items()}
+    sq = squared_distances(weights, shifted)
+    assert sq == {n: float(w.numel()) for n, w in weights.items()}

@@ -141,10 +141,13 @@ class KfacConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """Prior precision tuning: marginal likelihood (default) or validation NLL."""
+    """The prior N(mu, 1/lambda): precision tuned by marginal likelihood or validation NLL,
+    one for all weights (``scalar``) or one per LoRA module (``layerwise``); centred at zero or
+    at the LoRA initialisation (``mean: init``, the step-0 adapter: random A, zero B)."""
 
     method: Literal["marglik", "val_nll"] = "marglik"
     structure: Literal["scalar", "layerwise"] = "scalar"
+    mean: Literal["zero", "init"] = "zero"
     log10_min: float = -4.0
     log10_max: float = 6.0
     grid: int = 41

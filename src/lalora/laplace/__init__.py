@@ -21,6 +21,7 @@ _EXPORTS = {
     "LowRankUpdate": "kfac",
     "NonFiniteError": "kfac",
     "fit_kfac": "kfac",
+    "PriorAtEdgeWarning": "marglik",
     "PriorSearchError": "marglik",
     "PriorStructure": "marglik",
     "log_marginal_likelihood": "marglik",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
+from torch import Tensor
 
 from lalora.laplace.posterior import ModuleFactors, Posterior
 
@@ -30,6 +31,36 @@ class PriorStructure(StrEnum):
 
 class PriorSearchError(RuntimeError):
     """The search range does not bracket an optimum: the message names where."""
+
+
+class PriorAtEdgeWarning(UserWarning):
+    """A tuned prior precision sits at an edge of its search range (accepted as a result)."""
+
+
+def warn_edge(where: str, edge: str, log10_precision: float, objective: str) -> None:
+    """Warn that ``objective`` is best at the ``edge`` ("low"/"high") of the prior range."""
+    import warnings
+
+    meaning = (
+        "the posterior is as wide as the range allows"
+        if edge == "low"
+        else "the predictive is the MAP's"
+    )
+    warnings.warn(
+        f"{where}: the {objective} is best at the {edge} edge of the prior range "
+        f"(lambda = 1e{log10_precision:g}: {meaning}); recorded as such",
+        PriorAtEdgeWarning,
+        stacklevel=3,
+    )
+
+
+def squared_distances(weights: dict[str, Tensor], mean: dict[str, Tensor]) -> dict[str, float]:
+    """||theta_m - mu_m||^2 per module: the prior term of log Z for a prior centred at ``mean``
+    (e.g. the LoRA initialisation, the step-0 adapter)."""
+    missing = set(weights) - set(mean)
+    if missing:
+        raise ValueError(f"prior mean missing for modules {sorted(missing)[:3]}")
+    return {n: float((w.double() - mean[n].double()).pow(2).sum()) for n, w in weights.items()}
 
 
 def module_log_det(m: ModuleFactors, prior_precision: float) -> float:
@@ -123,8 +154,15 @@ def tune_prior(
     log10_max: float = 6.0,
     grid: int = 41,
     where: str = "posterior",
+    accept_edge: bool = False,
 ) -> Posterior:
-    """Maximise log Z over log lambda (scalar, or per module for ``layerwise``)."""
+    """Maximise log Z over log lambda (scalar, or per module for ``layerwise``).
+
+    An optimum at an edge of the range raises :class:`PriorSearchError`, or with
+    ``accept_edge`` is kept with a :class:`PriorAtEdgeWarning` (e.g. the step-0 adapter under a
+    prior centred at the LoRA initialisation: theta* = mu, so log Z grows without bound in
+    lambda, and the posterior is the MAP).
+    """
     structure = PriorStructure(structure)
     if structure is PriorStructure.SCALAR:
 
@@ -132,9 +170,11 @@ def tune_prior(
             lam = 10.0**x
             return sum(module_evidence(m, lam) for m in post.modules.values())
 
-        res = maximise_log10(objective, log10_min, log10_max, grid, where)
+        res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge)
+        if res.at_edge:
+            warn_edge(where, res.at_edge, res.log10_precision, "marginal likelihood")
         return post.with_prior(10.0**res.log10_precision)
-    prior = {}
+    prior, edges = {}, set()
     for name, m in post.modules.items():
         res = maximise_log10(
             lambda x, m=m: module_evidence(m, 10.0**x),
@@ -142,6 +182,33 @@ def tune_prior(
             log10_max,
             grid,
             f"{where}, module {name}",
+            accept_edge,
         )
+        if res.at_edge:
+            edges.add(res.at_edge)
         prior[name] = 10.0**res.log10_precision
+    for edge in sorted(edges):
+        n = sum(
+            1
+            for v in prior.values()
+            if math.isclose(math.log10(v), log10_min if edge == "low" else log10_max)
+        )
+        warn_edge(
+            f"{where} ({n} modules)",
+            edge,
+            log10_min if edge == "low" else log10_max,
+            "marginal likelihood",
+        )
     return post.with_prior(prior)
+
+
+def edges_of(prior: dict[str, float], log10_min: float, log10_max: float) -> dict[str, str]:
+    """The modules whose prior precision sits at an edge of the range: name -> low | high."""
+    out = {}
+    for name, v in prior.items():
+        x = math.log10(v)
+        if x <= log10_min + 1e-9:
+            out[name] = "low"
+        elif x >= log10_max - 1e-9:
+            out[name] = "high"
+    return out

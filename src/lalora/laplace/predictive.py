@@ -239,9 +239,7 @@ def tune_prior_nll(
     high edge to the MAP (the MAP is already as calibrated as the posterior can make it). It is
     returned with a :class:`PriorAtEdgeWarning`.
     """
-    import warnings
-
-    from lalora.laplace.marglik import maximise_log10
+    from lalora.laplace.marglik import maximise_log10, warn_edge
 
     def objective(x: float) -> float:
         p = post.with_prior(10.0**x)
@@ -250,15 +248,5 @@ def tune_prior_nll(
 
     res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge=True)
     if res.at_edge is not None:
-        meaning = "the uniform predictive" if res.at_edge == "low" else "the MAP predictive"
-        warnings.warn(
-            f"{where}: the validation NLL is lowest at the {res.at_edge} edge of the prior range "
-            f"(lambda = 1e{res.log10_precision:g}, {meaning}); recorded as such",
-            PriorAtEdgeWarning,
-            stacklevel=2,
-        )
+        warn_edge(where, res.at_edge, res.log10_precision, "validation NLL")
     return post.with_prior(10.0**res.log10_precision), res.at_edge
-
-
-class PriorAtEdgeWarning(UserWarning):
-    """A prior tuned on validation NLL sits at an edge of its search range."""
