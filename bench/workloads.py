@@ -130,7 +130,16 @@ def epoch(s: Setup) -> float:
     return total
 
 
-def ours_fit(s: Setup, batches: list[Batch], rank: int, threshold: int, update: str):
+def ours_fit(
+    s: Setup,
+    batches: list[Batch],
+    rank: int,
+    threshold: int,
+    update: str,
+    max_dense: int | None = None,
+):
+    """Our factors; sides >= ``threshold`` low-rank (bayesian-lora's convention), or with
+    ``max_dense`` every side up to it dense (the pipeline's ``kfac.max_dense``)."""
     return fit_kfac(
         s.model,
         batches,
@@ -138,7 +147,7 @@ def ours_fit(s: Setup, batches: list[Batch], rank: int, threshold: int, update: 
         lora_modules(s.model),
         "exact",
         rank,
-        threshold - 1,  # bayesian-lora's lr_threshold: sides >= threshold are low-rank
+        threshold - 1 if max_dense is None else max_dense,
         update,
     )
 

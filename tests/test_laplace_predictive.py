@@ -214,3 +214,10 @@ def test_marglik_optimum_at_an_edge_raises_or_is_recorded():
     shifted = {n: w + 1.0 for n, w in weights.items()}
     sq = squared_distances(weights, shifted)
     assert sq == {n: float(w.numel()) for n, w in weights.items()}
+
+
+def test_flat_objective_takes_the_largest_prior_precision():
+    from lalora.laplace.marglik import maximise_log10
+
+    res = maximise_log10(lambda x: 0.0, -4.0, 6.0, 11, "flat", accept_edge=True)
+    assert res.at_edge == "high" and res.log10_precision == 6.0

@@ -118,7 +118,9 @@ def maximise_log10(
     ys = [objective(x) for x in xs]
     if not all(math.isfinite(y) for y in ys):
         raise PriorSearchError(f"{where}: non-finite objective on the prior grid")
-    best = max(range(grid), key=lambda i: ys[i])
+    # ties go to the larger lambda: a flat objective (a module the data never reach, with its
+    # weights at the prior mean) gets the tightest prior, not the widest
+    best = max(range(grid), key=lambda i: (ys[i], i))
     if best in (0, grid - 1) and accept_edge:
         return SearchResult(
             log10_precision=xs[best],
