@@ -88,6 +88,13 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=0, help="0: the whole training split")
     parser.add_argument("--n-test", type=int, default=0, help="0: the whole test split")
     parser.add_argument("--link", default="probit", help="predictive link for the table")
+    parser.add_argument(
+        "--kfac",
+        nargs="+",
+        default=["lowrank", "dense"],
+        choices=("lowrank", "dense"),
+        help="KFAC variants: rank-k sides beyond 256, and dense sides up to kfac.max_dense",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/exact_laplace.md"))
     args = parser.parse_args()
 
@@ -155,10 +162,11 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
 
     kfac_cfg = params.kfac
-    variants = [
-        (f"KFAC, rank {kfac_cfg.rank} beyond 256", 256),
-        (f"KFAC, dense to {kfac_cfg.max_dense}", kfac_cfg.max_dense),
-    ]
+    variants = {
+        "lowrank": (f"KFAC, rank {kfac_cfg.rank} beyond 256", 256),
+        "dense": (f"KFAC, dense to {kfac_cfg.max_dense}", kfac_cfg.max_dense),
+    }
+    variants = [variants[v] for v in args.kfac]
     for label, threshold in variants:
         post = fit_kfac(
             model, train, fn, mods, kfac_cfg.fisher, kfac_cfg.rank, threshold,
@@ -207,7 +215,8 @@ def main() -> None:
         f"# Kronecker against exact Laplace: {args.model}, step {args.step}",
         "",
         f"`python -m bench.exact_laplace --model {args.model} --step {args.step}"
-        f" --n-train {args.n_train} --n-test {args.n_test} --link {link}`: "
+        f" --n-train {args.n_train} --n-test {args.n_test} --link {link}"
+        f" --kfac {' '.join(args.kfac)}`: "
         f"{len(train_ex)} training prompts (factors, GGN, log Z), {len(test_ex)} test prompts, "
         f"P = {int(dual0.n_params.sum())} LoRA weights, {link} link, "
         f"{time.time() - t0:.0f} s. MAP: ACC {map_s.acc:.3f}, NLL {map_s.nll:.3f}, "

@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="*", help="default: params' checkpoints")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--n-test", type=int, default=0, help="first N test prompts (0: all)")
     parser.add_argument("--out", type=Path, default=Path("bench/priors.md"))
     args = parser.parse_args()
     warnings.simplefilter("ignore", PriorAtEdgeWarning)  # edges are marked in the table
@@ -65,14 +66,16 @@ def main() -> None:
     card, pr, pred = params.card(args.model), params.prior, params.predictive
     root = args.models_dir / args.model
     test_split = read_split(args.data_dir / "test.jsonl")
+    test_examples = list(test_split.examples)[: args.n_test or None]
     val_split = read_split(args.data_dir / "val.jsonl")
     steps = args.steps if args.steps else list(params.checkpoints)
     lines = [
         f"# Priors of the Kronecker Laplace posterior: {args.model}, data `{params.data.name}`",
         "",
-        f"`python -m bench.priors --model {args.model}` on the artifacts of `dvc repro`: factors "
+        f"`python -m bench.priors --model {args.model} --n-test {args.n_test}` on the "
+        "artifacts of `dvc repro`: factors "
         f"from {{n_train}} training prompts, validation NLL on {len(val_split.examples)} "
-        f"prompts, metrics on {len(test_split.examples)} test prompts, "
+        f"prompts, metrics on {len(test_examples)} test prompts, "
         f"{pred.link} link. An edge of the search range [1e{pr.log10_min:g}, "
         f"1e{pr.log10_max:g}] is marked (high: the MAP predictive).",
         "",
@@ -92,8 +95,7 @@ def main() -> None:
         fn = logits_fn(answer_token_ids(tok, test_split.answers))
         feats = {}
         labels = {}
-        for name, split in (("test", test_split), ("val", val_split)):
-            ex = list(split.examples)
+        for name, ex in (("test", test_examples), ("val", list(val_split.examples))):
             bs = list(batches(tok, ex, params.evaluate.batch_size, params.finetune.max_length))
             feats[name] = jacobian_features(model, bs, fn, lora_modules(model), post)
             labels[name] = torch.tensor([e.label for e in ex])

@@ -77,7 +77,7 @@ def repo(tmp_path_factory):
             "tiny-a": {**TINY, "arch": "llama"},
             "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
         }
-        params["data"].update(n_train=12, n_test=8)
+        params["data"].update(n_train=16, n_test=8, val_size=4)
         params["finetune"].update(steps=2, save_every=2, batch_size=4)
         params["checkpoints"] = [0, 2]
         params["kfac"].update(batch_size=6)
@@ -132,3 +132,23 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     data = json.dumps(shown)
     for key in ('"tiny-a"', '"tiny-b"', '"map"', '"laplace"', '"nll"', '"ece"'):
         assert key in data
+
+
+def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
+    """bench.exact_laplace and bench.priors read a finished run's artifacts; the exact full-GGN
+    row is its own reference (ratio 1) and every prior row has finite metrics."""
+    repo, env = repo
+    repro(repo, env)
+    sh(
+        [sys.executable, "-m", "bench.exact_laplace", "--model", "tiny-a", "--step", "2",
+         "--kfac", "dense", "--out", "exact.md"],
+        repo, env,
+    )  # fmt: skip
+    table = (repo / "exact.md").read_text()
+    assert re.search(
+        r"\| exact GGN, full \| zero \| [^|]+ \| [^|]+ \| [^|]+ \| [^|]+ \| 1.000 \|", table
+    )
+    assert "KFAC, dense to 4096, layerwise prior | init" in table
+    sh([sys.executable, "-m", "bench.priors", "--model", "tiny-a", "--out", "priors.md"], repo, env)
+    rows = [r for r in (repo / "priors.md").read_text().splitlines() if r.startswith("| 2 |")]
+    assert len(rows) == 6 and not any("nan" in r for r in rows)
