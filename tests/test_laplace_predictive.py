@@ -162,7 +162,7 @@ def test_validation_nll_tuning_finds_the_grid_minimum():
     val = llama_batch([5, 6, 7, 4, 6, 5, 3, 7], seed=9)
     feats = jacobian_features(model, [val], fn, mods, post)
     # an overconfident MAP (logits scaled up) that is wrong on its surest example
-    feats = JacobianFeatures(mean=20 * feats.mean, frob=feats.frob, proj=feats.proj)
+    feats = JacobianFeatures(mean=20 * feats.mean, perp=feats.perp, proj=feats.proj)
     margin = feats.mean[:, 0] - feats.mean[:, 1]
     labels = (margin < 0).long()  # right where the MAP is unsure, wrong where it is surest
     worst = int(margin.abs().argmax())

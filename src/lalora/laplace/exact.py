@@ -102,7 +102,7 @@ def dual_ggn(
     for logits, jac in contrast_jacobians(model, train, logits_fn, modules, progress, len(train)):
         logits_train.append(logits)
         for n in names:
-            rows[n].append(jac[n].flatten(2).flatten(0, 1))  # (B K, P_g)
+            rows[n].append(jac[n].double().flatten(2).flatten(0, 1))  # (B K, P_g)
     J = {n: torch.cat(rows.pop(n)) for n in names}  # (NK, P_g)
     gram = torch.stack([J[n] @ J[n].T for n in names])  # (G, NK, NK)
     logits = torch.cat(logits_train)  # (N, C)
@@ -113,7 +113,7 @@ def dual_ggn(
     for mean, jac in contrast_jacobians(model, test, logits_fn, modules, progress, len(test)):
         means.append(mean)
         for n in names:
-            Jt = jac[n].flatten(2)  # (B, K, P_g)
+            Jt = jac[n].double().flatten(2)  # (B, K, P_g)
             cross[n].append(Jt.flatten(0, 1) @ J[n].T)  # (B K, NK)
             selfs[n].append(Jt @ Jt.transpose(1, 2))  # (B, K, K)
     theta_sq = []

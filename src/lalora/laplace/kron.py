@@ -71,14 +71,17 @@ def factor_from_root(L: Tensor, k: int) -> Factor:
 
 
 class DenseAccumulator:
-    """Exact sum of outer products, (d, d) in float64."""
+    """Exact sum of outer products, (d, d), accumulated in float64. Each batch's product
+    rows^T rows is computed in the rows' own dtype (float32 activations: a float32 GEMM, twice
+    as fast, exact to float32 round-off of the batch sum) and added in float64."""
 
     def __init__(self, dim: int):
         self.sum = torch.zeros(dim, dim, dtype=DTYPE)
 
-    def update(self, rows: Tensor) -> None:
-        rows = rows.to(DTYPE)  # (m, d)
-        self.sum.addmm_(rows.T, rows)
+    def update(self, rows: Tensor) -> None:  # rows (m, d)
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
+        self.sum += (rows.T @ rows).to(DTYPE)
 
     def finalize(self, scale: float = 1.0) -> Factor:
         return eig_factor(self.sum * scale)

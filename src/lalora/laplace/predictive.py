@@ -7,12 +7,14 @@ the matrix J_c = sum_t g_{t,c} a_t^T (d_out, d_in), read from per-example (not b
 activations and output gradients. With A = Q_A diag(a) Q_A^T, G = Q_G diag(g) Q_G^T and
 Sigma_m = (A (x) G + lambda I)^-1:
 
-    cov(c, c') = 1/lambda <J_c, J_c'>_F
-                 + sum_ij (Q_G^T J_c Q_A)_ji (Q_G^T J_c' Q_A)_ji (1/(a_i g_j + lambda) - 1/lambda).
+    cov(c, c') = 1/lambda (<J_c, J_c'>_F - <P_c, P_c'>_F)
+                 + sum_ij (P_c)_ji (P_c')_ji / (a_i g_j + lambda),     P_c = Q_G^T J_c Q_A,
 
-:func:`jacobian_features` stores, per example, <J_c, J_c'>_F (K, K) and the projections
-Q_G^T J_c Q_A (K, k_g, k_a) per module, so the covariance at any prior precision is cheap
-(:func:`logit_covariance`): validation-NLL tuning reuses one pass.
+the first term being the part of J outside the kept eigenspaces (zero when both sides are dense:
+no cancellation at small lambda). :func:`jacobian_features` stores it (K, K) and P (K, k_g, k_a)
+per example and module, so the covariance at any prior precision is cheap
+(:func:`logit_covariance`): validation-NLL tuning reuses one pass. :func:`predict_covariance`
+computes the covariance at one prior batch by batch, keeping nothing of size P per example.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ class Link(StrEnum):
 
 @dataclass(frozen=True)
 class JacobianFeatures:
-    """``mean`` (N, C) MAP logits; per module ``frob`` (N, K, K) and ``proj`` (N, K, k_g, k_a)."""
+    """``mean`` (N, C) MAP logits; per module ``perp`` (N, K, K) and ``proj`` (N, K, k_g, k_a)
+    (see :func:`_project`)."""
 
     mean: Tensor
-    frob: dict[str, Tensor]
+    perp: dict[str, Tensor]
     proj: dict[str, Tensor]
 
 
@@ -59,14 +62,16 @@ def contrast_jacobians(
     progress: bool = False,
     total: int | None = None,
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-    """Per batch, the MAP logits (B, C) and, per module, the per-example Jacobians of the
-    K = C - 1 logit contrasts, (B, K, d_out, d_in) in float64: one forward and K backward passes.
+    """Per batch, the MAP logits (B, C) in float64 and, per module, the per-example Jacobians
+    of the K = C - 1 logit contrasts, (B, K, d_out, d_in) in the model's dtype (float32 for
+    half-precision models): one forward and K backward passes.
     """
     jac: dict[str, list[Tensor]] = {n: [] for n in modules}
 
     def on_grad(name: str, a: Tensor, g: Tensor) -> None:
+        dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
         # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
-        jac[name].append(torch.einsum("bto,bti->boi", g.double(), a.double()))
+        jac[name].append(torch.einsum("bto,bti->boi", g.to(dtype), a.to(dtype)))
 
     was_training = model.training
     model.eval()
@@ -103,26 +108,40 @@ def jacobian_features(
 ) -> JacobianFeatures:
     """One forward and C - 1 backward passes per batch; see the module docstring."""
     means: list[Tensor] = []
-    frob: dict[str, list[Tensor]] = {n: [] for n in modules}
+    perp: dict[str, list[Tensor]] = {n: [] for n in modules}
     proj: dict[str, list[Tensor]] = {n: [] for n in modules}
     for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
         means.append(logits)
         for name, J in jac.items():  # J (B, K, d_out, d_in)
-            m = post.modules[name]
-            frob[name].append(torch.einsum("bkoi,bloi->bkl", J, J))
-            JQa = J @ m.a.evecs  # (B, K, d_out, k_a)
-            proj[name].append(torch.einsum("og,bkoa->bkga", m.g.evecs, JQa))
+            p, q = _project(J, post.modules[name])
+            perp[name].append(p)
+            proj[name].append(q)
     return JacobianFeatures(
         mean=torch.cat(means),
-        frob={n: torch.cat(v) for n, v in frob.items()},
+        perp={n: torch.cat(v) for n, v in perp.items()},
         proj={n: torch.cat(v) for n, v in proj.items()},
     )
 
 
-def _module_covariance(frob: Tensor, proj: Tensor, m: ModuleFactors, lam: float) -> Tensor:
-    """One module's term (N, K, K) from ``frob`` (N, K, K) and ``proj`` (N, K, k_g, k_a)."""
-    w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam) - 1.0 / lam  # (k_g, k_a)
-    return frob / lam + torch.einsum("nkga,nlga,ga->nkl", proj, proj, w)
+def _project(J: Tensor, m: ModuleFactors) -> tuple[Tensor, Tensor]:
+    """For per-example contrast Jacobians J (B, K, d_out, d_in): the projections
+    Q_G^T J_c Q_A (B, K, k_g, k_a), computed in J's dtype (the costly product, d_out d_in k
+    per example), and the part of <J_c, J_c'>_F outside the kept eigenspaces (B, K, K),
+    exactly zero when both sides are dense (complete eigenbases); both returned in float64."""
+    Qa, Qg = m.a.evecs.to(J.dtype), m.g.evecs.to(J.dtype)
+    proj = (Qg.T @ (J @ Qa)).double()  # (B, K, k_g, k_a)
+    if m.a.rank == m.a.dim and m.g.rank == m.g.dim:
+        perp = proj.new_zeros(*proj.shape[:2], proj.shape[1])
+    else:
+        Jd = J.double()
+        perp = torch.einsum("bkoi,bloi->bkl", Jd, Jd) - torch.einsum("bkga,blga->bkl", proj, proj)
+    return perp, proj
+
+
+def _module_covariance(perp: Tensor, proj: Tensor, m: ModuleFactors, lam: float) -> Tensor:
+    """One module's term (N, K, K): perp / lambda + sum_ij P_ij P'_ij / (a_i g_j + lambda)."""
+    w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam)  # (k_g, k_a)
+    return perp / lam + torch.einsum("nkga,nlga,ga->nkl", proj, proj, w)
 
 
 def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
@@ -130,7 +149,7 @@ def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
     if not post.prior_precision:
         raise ValueError("the posterior has no prior precision; tune it first")
     cov = sum(
-        _module_covariance(features.frob[n], features.proj[n], m, post.prior_precision[n])
+        _module_covariance(features.perp[n], features.proj[n], m, post.prior_precision[n])
         for n, m in post.modules.items()
     )
     return (cov + cov.transpose(1, 2)) / 2
@@ -156,9 +175,8 @@ def predict_covariance(
         cov = 0
         for name, J in jac.items():  # J (B, K, d_out, d_in)
             m = post.modules[name]
-            frob = torch.einsum("bkoi,bloi->bkl", J, J)
-            proj = torch.einsum("og,bkoa->bkga", m.g.evecs, J @ m.a.evecs)
-            cov = cov + _module_covariance(frob, proj, m, post.prior_precision[name])
+            perp, proj = _project(J, m)
+            cov = cov + _module_covariance(perp, proj, m, post.prior_precision[name])
         covs.append((cov + cov.transpose(1, 2)) / 2)
     return torch.cat(means), torch.cat(covs)
 
