@@ -108,12 +108,15 @@ def jacobian_features(
 ) -> JacobianFeatures:
     """One forward and C - 1 backward passes per batch; see the module docstring."""
     means: list[Tensor] = []
+    bases = None
     perp: dict[str, list[Tensor]] = {n: [] for n in modules}
     proj: dict[str, list[Tensor]] = {n: [] for n in modules}
     for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
         means.append(logits)
         for name, J in jac.items():  # J (B, K, d_out, d_in)
-            p, q = _project(J, post.modules[name])
+            if bases is None:
+                bases = _bases(post, J.dtype)
+            p, q = _project(J, post.modules[name], *bases[name])
             perp[name].append(p)
             proj[name].append(q)
     return JacobianFeatures(
@@ -123,12 +126,16 @@ def jacobian_features(
     )
 
 
-def _project(J: Tensor, m: ModuleFactors) -> tuple[Tensor, Tensor]:
+def _bases(post: Posterior, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
+    """(Q_A, Q_G) per module in ``dtype``, converted once per pass."""
+    return {n: (m.a.evecs.to(dtype), m.g.evecs.to(dtype)) for n, m in post.modules.items()}
+
+
+def _project(J: Tensor, m: ModuleFactors, Qa: Tensor, Qg: Tensor) -> tuple[Tensor, Tensor]:
     """For per-example contrast Jacobians J (B, K, d_out, d_in): the projections
     Q_G^T J_c Q_A (B, K, k_g, k_a), computed in J's dtype (the costly product, d_out d_in k
     per example), and the part of <J_c, J_c'>_F outside the kept eigenspaces (B, K, K),
     exactly zero when both sides are dense (complete eigenbases); both returned in float64."""
-    Qa, Qg = m.a.evecs.to(J.dtype), m.g.evecs.to(J.dtype)
     proj = (Qg.T @ (J @ Qa)).double()  # (B, K, k_g, k_a)
     if m.a.rank == m.a.dim and m.g.rank == m.g.dim:
         perp = proj.new_zeros(*proj.shape[:2], proj.shape[1])
@@ -169,13 +176,15 @@ def predict_covariance(
     (with dense factors the projections are P numbers per example)."""
     if not post.prior_precision:
         raise ValueError("the posterior has no prior precision; tune it first")
-    means, covs = [], []
+    means, covs, bases = [], [], None
     for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
         means.append(logits)
         cov = 0
         for name, J in jac.items():  # J (B, K, d_out, d_in)
             m = post.modules[name]
-            perp, proj = _project(J, m)
+            if bases is None:
+                bases = _bases(post, J.dtype)
+            perp, proj = _project(J, m, *bases[name])
             cov = cov + _module_covariance(perp, proj, m, post.prior_precision[name])
         covs.append((cov + cov.transpose(1, 2)) / 2)
     return torch.cat(means), torch.cat(covs)
