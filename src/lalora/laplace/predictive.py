@@ -136,7 +136,8 @@ def _project(J: Tensor, m: ModuleFactors, Qa: Tensor, Qg: Tensor) -> tuple[Tenso
     Q_G^T J_c Q_A (B, K, k_g, k_a), computed in J's dtype (the costly product, d_out d_in k
     per example), and the part of <J_c, J_c'>_F outside the kept eigenspaces (B, K, K),
     exactly zero when both sides are dense (complete eigenbases); both returned in float64."""
-    proj = (Qg.T @ (J @ Qa)).double()  # (B, K, k_g, k_a)
+    # (J Q_A)^T Q_G with the 2-D factor on the right: one folded GEMM, not B K small ones
+    proj = ((J @ Qa).transpose(-1, -2) @ Qg).transpose(-1, -2).double()  # (B, K, k_g, k_a)
     if m.a.rank == m.a.dim and m.g.rank == m.g.dim:
         perp = proj.new_zeros(*proj.shape[:2], proj.shape[1])
     else:
