@@ -30,7 +30,12 @@ from lalora.data import read_split
 from lalora.io import atomic_write_text
 from lalora.laplace import exact
 from lalora.laplace.kfac import fit_kfac
-from lalora.laplace.marglik import PriorSearchError, log_marginal_likelihood, maximise_log10
+from lalora.laplace.marglik import (
+    PriorSearchError,
+    log_marginal_likelihood,
+    maximise_log10,
+    squared_distances,
+)
 from lalora.laplace.marglik import tune_prior as tune_kfac
 from lalora.laplace.posterior import Posterior
 from lalora.laplace.predictive import jacobian_features, logit_covariance, predictive_probs
@@ -119,10 +124,7 @@ def main() -> None:
     print(f"{len(train_ex)} train, {len(test_ex)} test prompts", file=sys.stderr)
 
     dual0 = exact.dual_ggn(model, train, test, fn, mods, progress=True)
-    sq_init = {
-        n: float((m.weight.detach().double() - init[n].double()).pow(2).sum())
-        for n, m in mods.items()
-    }
+    sq_init = squared_distances({n: m.weight.detach() for n, m in mods.items()}, init)
     duals = {
         "zero": dual0,
         "init": dual0.with_prior_mean_sq(torch.tensor([sq_init[n] for n in dual0.names])),

@@ -176,7 +176,7 @@ def tune_prior(
         if res.at_edge:
             warn_edge(where, res.at_edge, res.log10_precision, "marginal likelihood")
         return post.with_prior(10.0**res.log10_precision)
-    prior, edges = {}, set()
+    prior = {}
     for name, m in post.modules.items():
         res = maximise_log10(
             lambda x, m=m: module_evidence(m, 10.0**x),
@@ -186,21 +186,11 @@ def tune_prior(
             f"{where}, module {name}",
             accept_edge,
         )
-        if res.at_edge:
-            edges.add(res.at_edge)
         prior[name] = 10.0**res.log10_precision
-    for edge in sorted(edges):
-        n = sum(
-            1
-            for v in prior.values()
-            if math.isclose(math.log10(v), log10_min if edge == "low" else log10_max)
-        )
-        warn_edge(
-            f"{where} ({n} modules)",
-            edge,
-            log10_min if edge == "low" else log10_max,
-            "marginal likelihood",
-        )
+    edges = list(edges_of(prior, log10_min, log10_max).values())
+    for edge in sorted(set(edges)):
+        bound = log10_min if edge == "low" else log10_max
+        warn_edge(f"{where} ({edges.count(edge)} modules)", edge, bound, "marginal likelihood")
     return post.with_prior(prior)
 
 
