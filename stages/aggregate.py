@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from lalora.cli import run
 from lalora.config import load_params
+from lalora.io import read_json
+from lalora.metrics import check_finite
 from lalora.report import write_all
 
 
@@ -22,9 +24,9 @@ def main() -> None:
     for model in params.models:
         for step in params.checkpoints:
             path = args.results / model / f"step-{step}.json"
-            if not path.exists():
-                raise SystemExit(f"missing evaluation result {path}")
-            results.append(json.loads(path.read_text()))
+            result = read_json(path, f"evaluate@{model}-{step}")
+            check_finite(result, str(path))
+            results.append(result)
     dataset = (
         params.data.name
         if params.data.name != "winogrande"
@@ -34,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -7,16 +7,18 @@ features of the Laplace predictive.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 
 import torch
 
+from lalora.cli import run
 from lalora.config import load_params
-from lalora.io import atomic_write_json
+from lalora.errors import ArtifactError
+from lalora.io import atomic_write_json, read_json
 from lalora.laplace.posterior import Posterior
 from lalora.laplace.predictive import predict_covariance, predictive_probs
-from lalora.metrics import score
+from lalora.metrics import check_finite, score
 from lalora.pipeline import load_split_run
 
 
@@ -34,8 +36,15 @@ def main() -> None:
 
     params = load_params(args.params)
     cfg, pred = params.evaluate, params.predictive
-    prior = json.loads(args.prior.read_text())
-    post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
+    prior = read_json(args.prior, "tune_prior")
+    try:
+        post = Posterior.load(args.kfac).with_prior(prior["prior_precision_by_module"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(
+            args.prior, f"malformed ({type(err).__name__}: {err})", "tune_prior"
+        ) from None
+    if not all(math.isfinite(v) for v in post.prior_precision.values()):
+        raise ArtifactError(args.prior, "non-finite prior precision", "tune_prior")
     run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
     mean, cov = predict_covariance(
         run.model, run.batches, run.logits_fn, run.modules, post, progress=True
@@ -51,6 +60,7 @@ def main() -> None:
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
     result["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
     result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())
+    check_finite(result, f"evaluate {args.model} step {args.step}")
     atomic_write_json(args.out, result)
     print(
         f"{args.model} step {args.step}: "
@@ -62,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

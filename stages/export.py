@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from lalora.io import publish_dir, staging_dir
+from lalora.cli import run
+from lalora.io import clean_staging, publish_dir, staging_dir
+from lalora.models import check_adapter
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def export(checkpoint: Path, out: Path) -> None:
-    """Copy ``adapter_config.json`` and ``adapter_model.safetensors`` (nothing pickled)."""
+    """Copy ``adapter_config.json`` and ``adapter_model.safetensors`` (nothing pickled), after
+    checking that both are complete (a truncated checkpoint is refused, naming the file)."""
     src = checkpoint / "adapter"
-    missing = [f for f in PEFT_FILES if not (src / f).exists()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {checkpoint} lacks {missing}")
-    json.loads((src / "adapter_config.json").read_text())  # must be valid json
+    check_adapter(src, stage="finetune")
+    clean_staging(out.parent, out.name)
     tmp = staging_dir(out)
     for name in PEFT_FILES:
         shutil.copy2(src / name, tmp / name)
@@ -35,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lalora.cli import run
 from lalora.config import load_params
-from lalora.data import read_split
+from lalora.data import DataError, read_split
 from lalora.finetune import train
 from lalora.io import atomic_write_text
 from lalora.models import answer_token_ids, attach_lora, load_card_model
@@ -25,6 +26,8 @@ def main() -> None:
     params = load_params(args.params)
     card = params.card(args.model)
     split = read_split(args.data)
+    if not split.examples:
+        raise DataError(f"{args.data}: no training examples; check data.* in params.yaml")
     tok, base = load_card_model(card, seed=params.finetune.seed)
     model = attach_lora(base, card, seed=params.finetune.seed)
     run_id = fingerprint(card, params.finetune, args.data)
@@ -42,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

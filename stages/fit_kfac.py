@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lalora.cli import run
 from lalora.config import load_params
-from lalora.io import publish_dir, staging_dir
-from lalora.laplace.kfac import NonFiniteError, fit_kfac
+from lalora.errors import NonFiniteError
+from lalora.io import clean_staging, publish_dir, staging_dir
+from lalora.laplace.kfac import fit_kfac
 from lalora.pipeline import load_split_run
 
 
@@ -37,11 +39,12 @@ def main() -> None:
             progress=True,
         )
     except NonFiniteError as err:
-        raise SystemExit(f"fit_kfac {args.model} ({args.adapter}): {err}") from None
+        raise NonFiniteError(f"{args.model} ({args.adapter}): {err}") from None
+    clean_staging(args.out.parent, args.out.name)
     tmp = staging_dir(args.out)
     post.save(tmp)
     publish_dir(tmp, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

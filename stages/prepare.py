@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lalora.cli import run
 from lalora.config import DataConfig, load_params
 from lalora.data import AB_ANSWERS, load_splits, split_validation, write_split
 
@@ -28,4 +29,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

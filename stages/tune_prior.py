@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from lalora.cli import run
 from lalora.config import Params, load_params
 from lalora.io import atomic_write_json
 from lalora.laplace.marglik import (
@@ -16,6 +17,7 @@ from lalora.laplace.marglik import (
     tune_prior,
 )
 from lalora.laplace.posterior import Posterior
+from lalora.metrics import check_finite
 from lalora.models import adapter_lora_weights
 
 
@@ -92,24 +94,23 @@ def main() -> None:
         raise SystemExit(str(err)) from None
     values = list(tuned.prior_precision.values())
     edges = edges_of(tuned.prior_precision, pr.log10_min, pr.log10_max)
-    atomic_write_json(
-        args.out,
-        {
-            "method": pr.method,
-            "structure": pr.structure,
-            "mean": pr.mean,
-            # scalar: the precision; layerwise: the geometric mean over modules
-            "prior_precision": math.exp(sum(math.log(v) for v in values) / len(values)),
-            "prior_precision_by_module": tuned.prior_precision,
-            "at_edge": sorted(set(edges.values())),
-            "modules_at_edge": edges,
-            "log_marginal_likelihood": log_marginal_likelihood(tuned),
-            "theta_sq": tuned.theta_sq,
-            "n_params": tuned.n_params,
-            "n_data": tuned.n_data,
-        },
-    )
+    result = {
+        "method": pr.method,
+        "structure": pr.structure,
+        "mean": pr.mean,
+        # scalar: the precision; layerwise: the geometric mean over modules
+        "prior_precision": math.exp(sum(math.log(v) for v in values) / len(values)),
+        "prior_precision_by_module": tuned.prior_precision,
+        "at_edge": sorted(set(edges.values())),
+        "modules_at_edge": edges,
+        "log_marginal_likelihood": log_marginal_likelihood(tuned),
+        "theta_sq": tuned.theta_sq,
+        "n_params": tuned.n_params,
+        "n_data": tuned.n_data,
+    }
+    check_finite(result, args.where)
+    atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,6 +9,8 @@ configurator (an override must keep its default's type).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,11 +19,26 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from lalora.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A params section is malformed: the message names the key and the problem."""
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def check_plain_name(key: str, value: str) -> None:
+    """``value`` names a file or folder component: letters, digits, ``_.+-``, not starting
+    with a dot or dash, no path separator, no ``..`` (so no output escapes its folder)."""
+    if not _PLAIN.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"{key}: {value!r} is not a plain name (letters, digits and _ . + -, starting with "
+            "a letter or digit, no '/' or '..')"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,8 +75,14 @@ class ModelCard:
             raise ConfigError(
                 f"LoRA r must be > 0 and dropout in [0, 1), got {self.r}, {self.dropout}"
             )
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha: the LoRA scale alpha must be > 0, got {self.alpha}")
+        if self.params_billion < 0:
+            raise ConfigError(f"params_billion must be >= 0, got {self.params_billion}")
         if not self.targets:
             raise ConfigError("'targets' must name at least one module")
+        for i, target in enumerate(self.targets):
+            check_plain_name(f"targets[{i}]", target)
 
 
 @dataclass(frozen=True)
@@ -71,27 +94,44 @@ class DataConfig:
     ``val_size`` examples are carved from train (seeded) for prior tuning on validation NLL.
     """
 
-    name: str
+    name: str = "generated"
     source: Literal["generated", "hub", "local"] = "generated"
     local_dir: str = ""
     train_split: str = "train"
     test_split: str = "test"
-    n_train: int = 640
+    n_train: int = 260
     n_test: int = 500
-    val_size: int = 0
+    val_size: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("name", "train_split", "test_split"):
+            check_plain_name(key, getattr(self, key))
+        if self.source == "local" and not self.local_dir:
+            raise ConfigError("local_dir: source 'local' needs the folder of the data files")
+        if self.n_train < 1 or self.n_test < 1:
+            raise ConfigError(
+                f"n_train and n_test must be >= 1, got {self.n_train} and {self.n_test}"
+            )
+        if self.val_size < 0:
+            raise ConfigError(f"val_size must be >= 0, got {self.val_size}")
+        if self.source == "generated" and self.val_size >= self.n_train:
+            raise ConfigError(
+                f"val_size ({self.val_size}) must be smaller than n_train ({self.n_train}): "
+                "the validation split is carved from the training items"
+            )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """LoRA fine-tuning (the report's Table 1): AdamW, linear schedule, checkpoints."""
 
-    lr: float = 5e-5
+    lr: float = 3e-3
     weight_decay: float = 0.0
     batch_size: int = 6
     max_length: int = 512
-    steps: int = 2500
-    save_every: int = 500
+    steps: int = 400
+    save_every: int = 100
     warmup_steps: int = 0
     seed: int = 0
 
@@ -102,7 +142,17 @@ class FinetuneConfig:
                 f"finetune.save_every ({self.save_every})"
             )
         if self.batch_size <= 0 or self.lr <= 0 or self.max_length <= 0:
-            raise ConfigError("finetune.batch_size, lr and max_length must be positive")
+            raise ConfigError(
+                f"finetune.batch_size, lr and max_length must be positive, got "
+                f"{self.batch_size}, {self.lr} and {self.max_length}"
+            )
+        if self.weight_decay < 0:
+            raise ConfigError(f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(
+                f"finetune.warmup_steps must be in [0, steps = {self.steps}], "
+                f"got {self.warmup_steps}"
+            )
 
     @property
     def checkpoints(self) -> list[int]:
@@ -114,7 +164,7 @@ class FinetuneConfig:
 class EvaluateConfig:
     """MAP and Laplace evaluation."""
 
-    batch_size: int = 4
+    batch_size: int = 8
     ece_bins: int = 10
 
     def __post_init__(self) -> None:
@@ -128,10 +178,10 @@ class KfacConfig:
     kept dense (exact), larger ones low-rank."""
 
     fisher: Literal["exact", "mc", "empirical"] = "exact"
-    update: Literal["svd", "nystrom"] = "svd"
+    update: Literal["svd", "nystrom"] = "nystrom"
     rank: int = 10
     max_dense: int = 4096
-    batch_size: int = 4
+    batch_size: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -145,9 +195,9 @@ class PriorConfig:
     one for all weights (``scalar``) or one per LoRA module (``layerwise``); centred at zero or
     at the LoRA initialisation (``mean: init``, the step-0 adapter: random A, zero B)."""
 
-    method: Literal["marglik", "val_nll"] = "marglik"
+    method: Literal["marglik", "val_nll"] = "val_nll"
     structure: Literal["scalar", "layerwise"] = "scalar"
-    mean: Literal["zero", "init"] = "zero"
+    mean: Literal["zero", "init"] = "init"
     log10_min: float = -4.0
     log10_max: float = 6.0
     grid: int = 41
@@ -172,12 +222,13 @@ class PredictiveConfig:
 
 @dataclass(frozen=True)
 class Params:
-    """The whole ``params.yaml``."""
+    """The whole ``params.yaml``. Loaded by :func:`load_params`, every section must be present;
+    the defaults here equal the composed ``conf/`` (tested)."""
 
     models: tuple[str, ...]
     checkpoints: tuple[int, ...]
     zoo: dict[str, ModelCard] = field(default_factory=dict)
-    data: DataConfig = field(default_factory=lambda: DataConfig(name="generated"))
+    data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kfac: KfacConfig = field(default_factory=KfacConfig)
@@ -185,7 +236,12 @@ class Params:
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
 
     def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("models: the list is empty; name at least one model of the zoo")
+        for name in self.zoo:
+            check_plain_name(f"zoo.{name}", name)
         for name in self.models:
+            check_plain_name("models", name)
             if name not in self.zoo:
                 raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(self.zoo)}")
         if list(self.checkpoints) != self.finetune.checkpoints:
@@ -228,6 +284,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
@@ -265,8 +323,27 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    return _from_dict(Params, raw, "")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    missing = [f.name for f in dataclasses.fields(Params) if f.name not in raw]
+    if missing:
+        raise ConfigError(
+            f"{path}: section(s) {missing} missing; every section must be given (DVC writes "
+            "the full composition of conf/ into params.yaml: run dvc exp run, or copy the "
+            "section from conf/config.yaml)"
+        )
+    params = _from_dict(Params, raw, "")
+    data = params.data
+    if data.source == "local" and not (path.parent / data.local_dir).is_dir():
+        raise ConfigError(
+            f"data.local_dir: {data.local_dir!r} is not a folder "
+            f"(looked in {(path.parent / data.local_dir).resolve()})"
+        )
+    return params
 
 
 def compose(conf_dir: str | Path = "conf", overrides: list[str] | None = None) -> dict:

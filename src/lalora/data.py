@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lalora.config import DataConfig
+from lalora.errors import UserError
 from lalora.generated import GenerationError, generate_task
 
 WINOGRANDE_PROMPT = (
@@ -29,7 +30,7 @@ WINOGRANDE_PROMPT = (
 AB_ANSWERS = (" A", " B")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data is missing or malformed: the message says where."""
 
 
@@ -59,7 +60,11 @@ def winogrande_prompt(record: dict, where: str) -> Example:
     for key in ("sentence", "option1", "option2", "answer"):
         if key not in record:
             raise DataError(f"{where}: missing field {key!r}")
-    sentence = str(record["sentence"])
+    for key in ("sentence", "option1", "option2"):
+        value = record[key]
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+    sentence = record["sentence"]
     if sentence.count("_") != 1:
         raise DataError(f"{where}: sentence must contain exactly one '_': {sentence!r}")
     answer = str(record["answer"])
@@ -72,9 +77,17 @@ def winogrande_prompt(record: dict, where: str) -> Example:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, record)`` for each non-empty line; bad JSON names file and line."""
-    with path.open() as f:
-        for i, line in enumerate(f, start=1):
+    """Yield ``(line_number, record)`` for each non-empty line; bad JSON or bytes that are not
+    UTF-8 name file and line."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{i}: not UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                    f"{err.start + 1}); re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -93,7 +106,10 @@ def load_winogrande_local(folder: Path, split: str) -> list[Example]:
     path = folder / f"{split}.jsonl"
     if not path.exists():
         raise DataError(f"WinoGrande split {split!r} not found: looked for {path.resolve()}")
-    return [winogrande_prompt(r, f"{path}:{i}") for i, r in read_jsonl(path)]
+    examples = [winogrande_prompt(r, f"{path}:{i}") for i, r in read_jsonl(path)]
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return examples
 
 
 def load_winogrande_hub(split: str) -> list[Example]:
@@ -142,8 +158,13 @@ def split_validation(
     train: list[Example], val_size: int, seed: int
 ) -> tuple[list[Example], list[Example]]:
     """Carve a seeded validation split of ``val_size`` examples out of ``train``."""
+    if not train:
+        raise DataError("no training examples to carve a validation split from")
     if val_size < 0 or val_size >= len(train):
-        raise DataError(f"val_size must be in [0, {len(train)}), got {val_size}")
+        raise DataError(
+            f"data.val_size must be in [0, {len(train)}) for {len(train)} training examples, "
+            f"got {val_size}"
+        )
     order = list(range(len(train)))
     random.Random(seed + 1).shuffle(order)
     val_idx = set(order[:val_size])

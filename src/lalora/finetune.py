@@ -8,14 +8,20 @@ Checkpoint layout (``{out}/step-{N}/``), written to a staging folder and renamed
 - ``trainer.safetensors``: AdamW moments and the torch RNG state (no pickle anywhere);
 - ``trainer.json``: step, scheduler and optimizer hyperparameters, the run fingerprint, losses.
 
-A run is identified by a fingerprint of everything that determines its result; a folder with a
-different fingerprint is cleared, so a resumed run never mixes two configurations.
+A run is identified by a fingerprint of everything that determines its result. A folder that
+holds another run is moved aside whole (``{out}.stale-<fingerprint>``, printed), never deleted,
+so a resumed run never mixes two configurations. A checkpoint that does not load (a truncated
+file) is skipped with a warning and training resumes from the last intact one; staging folders
+of a killed save are removed on start. A non-finite loss or weight stops the run, naming the
+step, before anything is saved.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +33,8 @@ from tqdm.auto import tqdm
 
 from lalora.config import FinetuneConfig
 from lalora.data import Example
-from lalora.io import publish_dir, staging_dir
+from lalora.errors import ArtifactError, NonFiniteError
+from lalora.io import clean_staging, publish_dir, staging_dir
 from lalora.models import answer_logits, encode
 
 FORMAT_VERSION = 1
@@ -107,24 +114,104 @@ def save_checkpoint(
     return final
 
 
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint folder does not load; training resumes from an earlier one."""
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``trainer.json``, ``trainer.safetensors`` and the adapter weights of one checkpoint; an
+    unreadable file raises :class:`ArtifactError` naming it."""
+    meta_path = ckpt / "trainer.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        for key in ("step", "fingerprint", "optimizer", "scheduler", "losses"):
+            meta[key]  # a presence check
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ArtifactError(
+            meta_path, f"unreadable ({type(err).__name__}: {err})", "finetune"
+        ) from None
+    tensors = _load_safetensors(ckpt / "trainer.safetensors")
+    if "rng.torch" not in tensors:
+        raise ArtifactError(ckpt / "trainer.safetensors", "no 'rng.torch' entry", "finetune")
+    adapter = _load_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
+    return meta, tensors, adapter
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError: truncated, missing or not safetensors
+        raise ArtifactError(path, f"unreadable ({type(err).__name__}: {err})", "finetune") from None
+
+
+def _fingerprint_of(ckpt: Path) -> tuple[str, int] | None:
+    """(fingerprint, format version) from a checkpoint's trainer.json, None if unreadable."""
+    try:
+        meta = json.loads((ckpt / "trainer.json").read_text())
+        return str(meta["fingerprint"]), int(meta["format_version"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+def move_aside(out: Path, fingerprint: str) -> Path:
+    """Rename ``out`` to a free ``{out}.stale-<fingerprint>[-k]`` next to it; returns it."""
+    dest = out.with_name(f"{out.name}.stale-{fingerprint}")
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = out.with_name(f"{out.name}.stale-{fingerprint}-{k}")
+    os.replace(out, dest)
+    return dest
+
+
 def latest_checkpoint(out: Path, fingerprint: str) -> int | None:
-    """The last complete checkpoint step of this run, or None (clearing a foreign run's folder)."""
+    """The last intact checkpoint step of this run in ``out``, or None.
+
+    A folder holding checkpoints of another run (another fingerprint or format) is moved aside
+    whole, and the move printed. A checkpoint of this run that does not load is skipped with a
+    :class:`CorruptCheckpointWarning` (it is rewritten when training reaches its step again).
+    """
     if not out.exists():
         return None
-    steps = []
-    for path in out.glob("step-*/trainer.json"):
-        meta = json.loads(path.read_text())
-        if meta.get("fingerprint") != fingerprint or meta.get("format_version") != FORMAT_VERSION:
-            shutil.rmtree(out)
-            return None
-        steps.append(int(meta["step"]))
-    return max(steps) if steps else None
+    for step in range(0, 10**9):  # staging folders of a killed save
+        if (
+            not clean_staging(checkpoint_dir(out, step))
+            and step > 0
+            and not any(out.glob(f".step-{step}.*"))
+        ):
+            break
+    found = {}
+    for ckpt in out.glob("step-*"):
+        name = ckpt.name.removeprefix("step-")
+        if ckpt.is_dir() and name.isdigit():
+            found[int(name)] = _fingerprint_of(ckpt)
+    foreign = {
+        fp for fp in found.values() if fp is not None and fp != (fingerprint, FORMAT_VERSION)
+    }
+    if foreign:
+        old = sorted(foreign)[0][0]
+        dest = move_aside(out, old)
+        print(
+            f"finetune: {out} holds checkpoints of another configuration (run {old}); "
+            f"moved it to {dest} (delete it when no longer needed)",
+            file=sys.stderr,
+        )
+        return None
+    for step in sorted(found, reverse=True):
+        try:
+            read_checkpoint(checkpoint_dir(out, step))
+            return step
+        except ArtifactError as err:
+            warnings.warn(
+                f"skipping checkpoint step {step}: {err}", CorruptCheckpointWarning, stacklevel=2
+            )
+    return None
 
 
-def _adapter_state(model: nn.Module, adapter: Path) -> None:
+def _adapter_state(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(str(adapter / "adapter_model.safetensors")))
+    set_peft_model_state_dict(model, adapter)
 
 
 def train(
@@ -155,15 +242,14 @@ def train(
         save_checkpoint(out, 0, model, opt, sched, fingerprint, losses)
         start = 0
     else:
-        ckpt = checkpoint_dir(out, start)
-        meta = json.loads((ckpt / "trainer.json").read_text())
-        tensors = load_file(str(ckpt / "trainer.safetensors"))
-        _adapter_state(model, ckpt / "adapter")
+        meta, tensors, adapter = read_checkpoint(checkpoint_dir(out, start))
+        _adapter_state(model, adapter)
         _load_optimizer(opt, tensors, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         losses = [(int(s), float(v)) for s, v in meta["losses"]]
 
+    saved = start
     model.train()
     bar = tqdm(
         range(start, cfg.steps),
@@ -182,14 +268,27 @@ def train(
         )
         logits = answer_logits(model, batch, answer_ids)  # (B, C)
         loss = nn.functional.cross_entropy(logits, batch.labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"finetune: the loss is {float(loss)} at step {step + 1} (lr {cfg.lr}); the run "
+                f"diverged, the last checkpoint saved is step {saved}. Lower finetune.lr."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+        bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+        if bad:
+            raise NonFiniteError(
+                f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after step "
+                f"{step + 1} (lr {cfg.lr}); the last checkpoint saved is step {saved}. Lower "
+                "finetune.lr."
+            )
         losses.append((step + 1, float(loss)))
         bar.set_postfix(loss=f"{float(loss):.3f}")
         if (step + 1) % cfg.save_every == 0:
             save_checkpoint(out, step + 1, model, opt, sched, fingerprint, losses)
+            saved = step + 1
         if on_step is not None:
             on_step(step + 1)
     model.eval()

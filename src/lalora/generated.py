@@ -22,6 +22,8 @@ import itertools
 import math
 import random
 
+from lalora.errors import UserError
+
 # (comparative for the larger value, comparative for the smaller value, minimum gap: in log10
 # units, or in units of 50 degrees for temperature). Only clearly different pairs are asked.
 _ATTRIBUTES: dict[str, tuple[str, str, float]] = {
@@ -337,7 +339,7 @@ _COMPARISON_TEMPLATES = (
 COMPARISON_SHARE = 0.25
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """The generated task cannot supply the sizes asked for."""
 
 

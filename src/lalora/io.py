@@ -29,11 +29,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+STAGING = ".staging-"  # marks the folders this program writes before renaming them into place
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder ``tmp`` into place at ``final`` (replacing an old one)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
+        old = final.with_name(f".{final.name}{STAGING}old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
@@ -43,6 +46,52 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 
 def staging_dir(final: Path) -> Path:
-    """A fresh temporary folder next to ``final`` for :func:`publish_dir`."""
+    """A fresh temporary folder ``.{name}.staging-XXXXXXXX`` next to ``final`` for
+    :func:`publish_dir` (``.dvcignore`` keeps such folders out of DVC outputs)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{STAGING}"))
+
+
+def clean_staging(parent: Path, name: str) -> list[Path]:
+    """Remove the staging folders left in ``parent`` by a killed run for the final folder(s)
+    ``name`` (a glob pattern, e.g. ``step-[0-9]*``): only folders named by :func:`staging_dir`
+    or :func:`publish_dir`. Returns what was removed."""
+    if not parent.is_dir():
+        return []
+    stale = sorted(
+        p for p in parent.glob(f".{name}{STAGING}*") if p.is_dir() and not p.is_symlink()
+    )
+    for p in stale:
+        shutil.rmtree(p)
+    return stale
+
+
+def read_json(path: str | Path, stage: str) -> Any:
+    """A json artifact written by ``stage``; missing or malformed raises
+    :class:`~lalora.errors.ArtifactError` naming the file and the stage."""
+    from lalora.errors import ArtifactError
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(path, "missing", stage)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(path, f"unreadable ({type(err).__name__}: {err})", stage) from None
+
+
+def check_safetensors(path: str | Path, stage: str) -> list[str]:
+    """The tensor names of a safetensors file, after checking that its header is complete and
+    covers the whole file (a truncated file fails here); else an ArtifactError naming it."""
+    from safetensors import safe_open
+
+    from lalora.errors import ArtifactError
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(path, "missing", stage)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    except Exception as err:  # SafetensorError, OSError
+        raise ArtifactError(path, f"unreadable ({type(err).__name__}: {err})", stage) from None

@@ -7,20 +7,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
+from lalora.errors import NonFiniteError
+
 
 @dataclass(frozen=True)
 class ReliabilityBins:
-    """Per-bin counts, mean confidence and accuracy (empty bins have count 0 and NaN means)."""
+    """Per-bin counts, mean confidence and accuracy (empty bins: count 0, means None, which
+    json writes as null: no NaN ever reaches a metrics file)."""
 
     edges: list[float]
     count: list[int]
-    confidence: list[float]
-    accuracy: list[float]
+    confidence: list[float | None]
+    accuracy: list[float | None]
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,13 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Reliabi
     count = torch.bincount(idx, minlength=n_bins)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf.double())
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
-    denom = count.double()
-    nan = torch.full_like(denom, float("nan"))
+    denom = count.double().clamp(min=1)
+    n = count.tolist()
     return ReliabilityBins(
         edges=torch.linspace(0, 1, n_bins + 1).tolist(),
-        count=count.tolist(),
-        confidence=torch.where(count > 0, conf_sum / denom.clamp(min=1), nan).tolist(),
-        accuracy=torch.where(count > 0, acc_sum / denom.clamp(min=1), nan).tolist(),
+        count=n,
+        confidence=[v if c else None for v, c in zip((conf_sum / denom).tolist(), n, strict=True)],
+        accuracy=[v if c else None for v, c in zip((acc_sum / denom).tolist(), n, strict=True)],
     )
 
 
@@ -63,10 +67,30 @@ def ece_from_bins(bins: ReliabilityBins) -> float:
     )
 
 
+def check_finite(obj: object, where: str, path: str = "") -> None:
+    """Raise :class:`NonFiniteError` naming ``where`` and the key path (e.g. ``laplace.nll``)
+    of the first NaN or infinite number in a nest of dicts and lists (None is allowed)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, where, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            check_finite(v, where, f"{path}[{i}]")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise NonFiniteError(f"{where}: {path or 'value'} is {obj}")
+
+
 def score(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Scores:
-    """ACC, mean NLL and ECE of predictive probabilities ``probs`` (N, C)."""
+    """ACC, mean NLL and ECE of predictive probabilities ``probs`` (N, C); non-finite
+    probabilities are refused."""
     if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
         raise ValueError(f"probs must be (N, C) matching labels (N,), got {tuple(probs.shape)}")
+    bad = (~torch.isfinite(probs)).any(dim=1).nonzero().flatten()
+    if len(bad):
+        raise NonFiniteError(
+            f"non-finite predictive probabilities for {len(bad)} example(s), the first at "
+            f"index {int(bad[0])}"
+        )
     probs = probs.double()
     p_true = probs.gather(1, labels[:, None]).squeeze(1).clamp(min=1e-300)
     bins = reliability_bins(probs, labels, n_bins)

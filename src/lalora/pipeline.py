@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lalora.config import ModelCard, Params
-from lalora.data import Example, read_split
+from lalora.data import DataError, Example, read_split
 from lalora.models import (
     Batch,
     answer_logits,
@@ -75,6 +75,8 @@ def load_split_run(
     """Read a prepared split, load the model's adapter and tokenise the split into batches of
     ``batch_size`` (truncated to ``finetune.max_length``)."""
     split = read_split(split_path)
+    if not split.examples:
+        raise DataError(f"{split_path}: the split has no examples; check data.* in params.yaml")
     tok, model = load_adapted(params.card(model_name), adapter_dir)
     examples = list(split.examples)
     return SplitRun(

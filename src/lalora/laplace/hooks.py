@@ -22,7 +22,8 @@ class Tap:
     calls ``on_grad(name, a, g)`` with the masked output gradient (B, T, d_out) on each backward.
     ``on_input(name, a, source)`` is called on each forward, ``source`` being the first module
     that read the same input tensor in this forward pass (``name`` itself if none did). Set
-    ``mask`` before each forward pass: it starts a new pass.
+    ``mask`` before each forward pass: it starts a new pass. ``mask_grads=False`` leaves the
+    gradients unmasked, for callers that only form products g_t a_t^T (zero where a_t is).
     """
 
     def __init__(
@@ -30,10 +31,12 @@ class Tap:
         modules: dict[str, nn.Linear],
         on_grad: Callable[[str, Tensor, Tensor], None],
         on_input: Callable[[str, Tensor, str], None] | None = None,
+        mask_grads: bool = True,
     ):
         self.modules = modules
         self.on_grad = on_grad
         self.on_input = on_input
+        self.mask_grads = mask_grads
         self.inputs: dict[str, Tensor] = {}
         self._mask: Tensor | None = None
         # input tensors seen in this pass (kept alive, so no address is reused within it)
@@ -49,13 +52,13 @@ class Tap:
         self._mask = mask
         self._seen.clear()
 
-    def _expand(self, x: Tensor) -> Tensor:
+    def _expand(self, x: Tensor, masked: bool = True) -> Tensor:
         x = x.detach()
         if x.ndim == 2:
             return x[:, None, :]  # (B, 1, d)
         if x.ndim != 3:
             raise ValueError(f"LoRA module input must be (B, d) or (B, T, d), got {tuple(x.shape)}")
-        if self.mask is not None:
+        if masked and self.mask is not None:
             if self.mask.shape != x.shape[:2]:
                 raise ValueError(
                     f"mask {tuple(self.mask.shape)} does not match input {tuple(x.shape)}"
@@ -76,7 +79,9 @@ class Tap:
                 self.on_input(name, self.inputs[name], source)
             if output.requires_grad:
                 output.register_hook(
-                    lambda g: self.on_grad(name, self.inputs[name], self._expand(g))
+                    lambda g: self.on_grad(
+                        name, self.inputs[name], self._expand(g, self.mask_grads)
+                    )
                 )
 
         return hook

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kron import make_accumulator
 from lalora.laplace.posterior import ModuleFactors, Posterior
@@ -44,10 +45,6 @@ class Fisher(StrEnum):
 class LowRankUpdate(StrEnum):
     SVD = "svd"
     NYSTROM = "nystrom"
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite logit or factor: the message names the batch or module."""
 
 
 def exact_fisher_root(logits: Tensor) -> Tensor:

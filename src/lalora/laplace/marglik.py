@@ -19,6 +19,7 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
+from lalora.errors import UserError
 from lalora.laplace.posterior import ModuleFactors, Posterior
 
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -29,7 +30,7 @@ class PriorStructure(StrEnum):
     LAYERWISE = "layerwise"
 
 
-class PriorSearchError(RuntimeError):
+class PriorSearchError(UserError, RuntimeError):
     """The search range does not bracket an optimum: the message names where."""
 
 

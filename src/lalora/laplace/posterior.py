@@ -9,12 +9,14 @@ factor object shared by several modules (LoRA-A maps reading the same input) is 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from lalora.errors import ArtifactError
 from lalora.io import atomic_write_json
 from lalora.laplace.kron import Factor
 
@@ -113,40 +115,74 @@ class Posterior:
         )
 
     @staticmethod
-    def load(folder: str | Path) -> Posterior:
+    def load(folder: str | Path, stage: str = "fit_kfac") -> Posterior:
+        """Read a posterior saved by :meth:`save`. A missing, truncated or malformed file, or
+        a non-finite or negative eigenvalue, raises :class:`ArtifactError` naming the file and
+        the ``stage`` that writes it."""
         folder = Path(folder)
-        meta_path = folder / "posterior.json"
+        meta_path, factors_path = folder / "posterior.json", folder / "factors.safetensors"
         if not meta_path.exists():
-            raise FileNotFoundError(f"no posterior in {folder} (posterior.json missing)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") not in (1, FORMAT_VERSION):
-            raise ValueError(
-                f"{meta_path}: format version {meta.get('format_version')}, "
-                f"expected {FORMAT_VERSION}"
+            raise ArtifactError(meta_path, "missing (no posterior in this folder)", stage)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ArtifactError(meta_path, f"unreadable ({err})", stage) from None
+        if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise ArtifactError(
+                meta_path, f"format version {version}, expected {FORMAT_VERSION}", stage
             )
-        tensors = load_file(str(folder / "factors.safetensors"))
+        try:
+            tensors = load_file(str(factors_path))
+        except Exception as err:  # SafetensorError or OSError: truncated, missing, not ours
+            raise ArtifactError(
+                factors_path, f"unreadable ({type(err).__name__}: {err})", stage
+            ) from None
         same_as = meta.get("same_as", {})
         loaded: dict[str, Factor] = {}
 
         def factor(key: str) -> Factor:
             key = same_as.get(key, key)
             if key not in loaded:
-                loaded[key] = Factor(tensors[f"{key}/evecs"], tensors[f"{key}/evals"])
+                try:
+                    evecs, evals = tensors[f"{key}/evecs"], tensors[f"{key}/evals"]
+                except KeyError as err:
+                    raise ArtifactError(factors_path, f"entry {err} missing", stage) from None
+                if not (torch.isfinite(evecs).all() and torch.isfinite(evals).all()):
+                    raise ArtifactError(factors_path, f"non-finite values in {key}", stage)
+                if (evals < 0).any():
+                    raise ArtifactError(
+                        factors_path,
+                        f"negative eigenvalue {float(evals.min()):.3g} in {key} (a Kronecker "
+                        "factor is positive semi-definite)",
+                        stage,
+                    )
+                loaded[key] = Factor(evecs, evals)
             return loaded[key]
 
-        modules = {}
-        for name, info in meta["modules"].items():
-            sides = {s: factor(f"{name}/{s}") for s in ("a", "g")}
-            modules[name] = ModuleFactors(
-                a=sides["a"], g=sides["g"], theta_sq=info["theta_sq"], n_rows=info["n_rows"]
+        try:
+            modules = {}
+            for name, info in meta["modules"].items():
+                sides = {s: factor(f"{name}/{s}") for s in ("a", "g")}
+                modules[name] = ModuleFactors(
+                    a=sides["a"], g=sides["g"], theta_sq=info["theta_sq"], n_rows=info["n_rows"]
+                )
+            post = Posterior(
+                modules=modules,
+                n_data=meta["n_data"],
+                fisher=meta["fisher"],
+                prior_precision={k: float(v) for k, v in meta["prior_precision"].items()},
+                log_likelihood=meta["log_likelihood"],
             )
-        return Posterior(
-            modules=modules,
-            n_data=meta["n_data"],
-            fisher=meta["fisher"],
-            prior_precision={k: float(v) for k, v in meta["prior_precision"].items()},
-            log_likelihood=meta["log_likelihood"],
-        )
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ArtifactError(
+                meta_path, f"malformed ({type(err).__name__}: {err})", stage
+            ) from None
+        scalars = [post.log_likelihood, *post.prior_precision.values()]
+        scalars += [m.theta_sq for m in modules.values()]
+        if not all(math.isfinite(v) for v in scalars):
+            raise ArtifactError(meta_path, "non-finite values", stage)
+        return post
 
 
 def dense_precision(post: Posterior, name: str) -> torch.Tensor:

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
-from lalora.laplace.kfac import LogitsFn, NonFiniteError
-from lalora.laplace.posterior import ModuleFactors, Posterior
+from lalora.laplace.kfac import LogitsFn
+from lalora.laplace.posterior import Posterior
 
 
 class Link(StrEnum):
@@ -42,7 +43,7 @@ class Link(StrEnum):
 @dataclass(frozen=True)
 class JacobianFeatures:
     """``mean`` (N, C) MAP logits; per module ``perp`` (N, K, K) and ``proj`` (N, K, k_g, k_a)
-    (see :func:`_project`)."""
+    (see :func:`_project`), float64."""
 
     mean: Tensor
     perp: dict[str, Tensor]
@@ -76,7 +77,7 @@ def contrast_jacobians(
     was_training = model.training
     model.eval()
     try:
-        with lora_grad_enabled(modules) as params, Tap(modules, on_grad) as tap:
+        with lora_grad_enabled(modules) as params, Tap(modules, on_grad, mask_grads=False) as tap:
             for b, batch in enumerate(
                 tqdm(batches, desc="jacobians", disable=not progress, total=total)
             ):
@@ -108,17 +109,17 @@ def jacobian_features(
 ) -> JacobianFeatures:
     """One forward and C - 1 backward passes per batch; see the module docstring."""
     means: list[Tensor] = []
-    bases = None
+    groups = None
     perp: dict[str, list[Tensor]] = {n: [] for n in modules}
     proj: dict[str, list[Tensor]] = {n: [] for n in modules}
     for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
         means.append(logits)
-        for name, J in jac.items():  # J (B, K, d_out, d_in)
-            if bases is None:
-                bases = _bases(post, J.dtype)
-            p, q = _project(J, post.modules[name], *bases[name])
-            perp[name].append(p)
-            proj[name].append(q)
+        groups = groups or _groups(post, jac)
+        for group in groups:
+            p, q = _project(group, jac)
+            for i, name in enumerate(group.names):
+                perp[name].append(p[i])
+                proj[name].append(q[i])
     return JacobianFeatures(
         mean=torch.cat(means),
         perp={n: torch.cat(v) for n, v in perp.items()},
@@ -126,40 +127,96 @@ def jacobian_features(
     )
 
 
-def _bases(post: Posterior, dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
-    """(Q_A, Q_G) per module in ``dtype``, converted once per pass."""
-    return {n: (m.a.evecs.to(dtype), m.g.evecs.to(dtype)) for n, m in post.modules.items()}
+@dataclass(frozen=True)
+class _Group:
+    """Modules whose projections run as one batched product: same (d_out, d_in), same kept
+    ranks (k_g, k_a) and both sides dense or not. ``qa`` (M, d_in, k_a) and ``qg``
+    (M, d_out, k_g) in the Jacobians' dtype; ``ea`` (M, k_a), ``eg`` (M, k_g) float64."""
+
+    names: tuple[str, ...]
+    qa: Tensor
+    qg: Tensor
+    ea: Tensor
+    eg: Tensor
+    dense: bool
 
 
-def _project(J: Tensor, m: ModuleFactors, Qa: Tensor, Qg: Tensor) -> tuple[Tensor, Tensor]:
-    """For per-example contrast Jacobians J (B, K, d_out, d_in): the projections
-    Q_G^T J_c Q_A (B, K, k_g, k_a), computed in J's dtype (the costly product, d_out d_in k
-    per example), and the part of <J_c, J_c'>_F outside the kept eigenspaces (B, K, K),
-    exactly zero when both sides are dense (complete eigenbases); both returned in float64."""
-    # (J Q_A)^T Q_G with the 2-D factor on the right: one folded GEMM, not B K small ones
-    proj = ((J @ Qa).transpose(-1, -2) @ Qg).transpose(-1, -2).double()  # (B, K, k_g, k_a)
-    if m.a.rank == m.a.dim and m.g.rank == m.g.dim:
-        perp = proj.new_zeros(*proj.shape[:2], proj.shape[1])
+def _groups(post: Posterior, jac: dict[str, Tensor]) -> list[_Group]:
+    """Group the modules of one batch's Jacobians ``jac`` (name -> (B, K, d_out, d_in)); the
+    bases are converted and stacked once per pass."""
+    keys: dict[tuple, list[str]] = {}
+    for name, J in jac.items():
+        m = post.modules[name]
+        if (m.g.dim, m.a.dim) != tuple(J.shape[-2:]):
+            raise ValueError(
+                f"{name}: Jacobian {tuple(J.shape[-2:])} does not match the posterior's factors "
+                f"({m.g.dim}, {m.a.dim}); was the posterior fitted on this adapter?"
+            )
+        dense = m.a.rank == m.a.dim and m.g.rank == m.g.dim
+        keys.setdefault((J.shape[-2:], m.g.rank, m.a.rank, dense, J.dtype), []).append(name)
+    out = []
+    for (_, _, _, dense, dtype), names in keys.items():
+        ms = [post.modules[n] for n in names]
+        out.append(
+            _Group(
+                names=tuple(names),
+                qa=torch.stack([m.a.evecs for m in ms]).to(dtype),
+                qg=torch.stack([m.g.evecs for m in ms]).to(dtype),
+                ea=torch.stack([m.a.evals for m in ms]).double(),
+                eg=torch.stack([m.g.evals for m in ms]).double(),
+                dense=dense,
+            )
+        )
+    return out
+
+
+def _project(group: _Group, jac: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """For the group's per-example contrast Jacobians J (B, K, d_out, d_in) per module: the
+    projections P_c = Q_G^T J_c Q_A, (M, B, K, k_g, k_a), computed in J's dtype (the costly
+    product, d_out d_in k per example, batched over the M modules), and the part of
+    <J_c, J_c'>_F outside the kept eigenspaces, (M, B, K, K), exactly zero when both sides are
+    dense (complete eigenbases); both returned in float64."""
+    names = group.names
+    J = jac[names[0]][None] if len(names) == 1 else torch.stack([jac[n] for n in names])
+    # J (M, B, K, d_out, d_in)
+    M, B, K, d_out, d_in = J.shape
+    k_a, k_g = group.qa.shape[-1], group.qg.shape[-1]
+    X = J.reshape(M, B * K * d_out, d_in) @ group.qa  # (M, B K d_out, k_a)
+    X = X.reshape(M, B * K, d_out, k_a).transpose(-1, -2).reshape(M, B * K * k_a, d_out)
+    proj = (X @ group.qg).reshape(M, B, K, k_a, k_g).transpose(-1, -2).double()
+    if group.dense:
+        perp = proj.new_zeros(M, B, K, K)
     else:
-        Jd = J.double()
-        perp = torch.einsum("bkoi,bloi->bkl", Jd, Jd) - torch.einsum("bkga,blga->bkl", proj, proj)
+        Jd = J.reshape(M * B, K, d_out * d_in).double()
+        Pd = proj.reshape(M * B, K, k_g * k_a)
+        perp = (Jd @ Jd.transpose(1, 2) - Pd @ Pd.transpose(1, 2)).reshape(M, B, K, K)
     return perp, proj
 
 
-def _module_covariance(perp: Tensor, proj: Tensor, m: ModuleFactors, lam: float) -> Tensor:
-    """One module's term (N, K, K): perp / lambda + sum_ij P_ij P'_ij / (a_i g_j + lambda)."""
-    w = 1.0 / (torch.outer(m.g.evals, m.a.evals) + lam)  # (k_g, k_a)
-    return perp / lam + torch.einsum("nkga,nlga,ga->nkl", proj, proj, w)
+def _covariance(perp: Tensor, proj: Tensor, ea: Tensor, eg: Tensor, lam: Tensor) -> Tensor:
+    """Summed over the M modules of a group: perp_m / lambda_m + sum_ij P_ij P'_ij /
+    (a_i g_j + lambda_m), (N, K, K); ``perp`` (M, N, K, K), ``proj`` (M, N, K, k_g, k_a),
+    ``ea`` (M, k_a), ``eg`` (M, k_g), ``lam`` (M,)."""
+    N, K = perp.shape[1:3]
+    w = 1.0 / (eg[:, :, None] * ea[:, None, :] + lam[:, None, None])  # (M, k_g, k_a)
+    P = proj.transpose(0, 1).reshape(N, K, -1)  # (N, K, M k_g k_a)
+    quad = (P * w.reshape(-1)) @ P.transpose(1, 2)
+    return quad + (perp / lam[:, None, None, None]).sum(0)
+
+
+def _lams(post: Posterior, names: tuple[str, ...]) -> Tensor:
+    return torch.tensor([post.prior_precision[n] for n in names], dtype=torch.float64)
 
 
 def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
     """Covariance (N, K, K) of the logit contrasts at the posterior's prior precision."""
     if not post.prior_precision:
         raise ValueError("the posterior has no prior precision; tune it first")
-    cov = sum(
-        _module_covariance(features.perp[n], features.proj[n], m, post.prior_precision[n])
-        for n, m in post.modules.items()
-    )
+    cov = 0
+    for m_name, m in post.modules.items():
+        p, q = features.perp[m_name][None], features.proj[m_name][None]
+        lam = _lams(post, (m_name,))
+        cov = cov + _covariance(p, q, m.a.evals[None].double(), m.g.evals[None].double(), lam)
     return (cov + cov.transpose(1, 2)) / 2
 
 
@@ -177,16 +234,17 @@ def predict_covariance(
     (with dense factors the projections are P numbers per example)."""
     if not post.prior_precision:
         raise ValueError("the posterior has no prior precision; tune it first")
-    means, covs, bases = [], [], None
-    for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
+    means, covs, groups = [], [], None
+    jacobians = contrast_jacobians(model, batches, logits_fn, modules, progress, total)
+    for b, (logits, jac) in enumerate(jacobians):
         means.append(logits)
+        groups = groups or _groups(post, jac)
         cov = 0
-        for name, J in jac.items():  # J (B, K, d_out, d_in)
-            m = post.modules[name]
-            if bases is None:
-                bases = _bases(post, J.dtype)
-            perp, proj = _project(J, m, *bases[name])
-            cov = cov + _module_covariance(perp, proj, m, post.prior_precision[name])
+        for group in groups:
+            perp, proj = _project(group, jac)
+            cov = cov + _covariance(perp, proj, group.ea, group.eg, _lams(post, group.names))
+        if not torch.isfinite(cov).all():
+            raise NonFiniteError(f"non-finite predictive covariance in batch {b}")
         covs.append((cov + cov.transpose(1, 2)) / 2)
     return torch.cat(means), torch.cat(covs)
 

@@ -1,0 +1,32 @@
+"""Entry point wrapper for the stage scripts: a :class:`~lalora.errors.UserError` exits with
+status 2 and one paragraph on stderr, no traceback; ``--debug`` (or ``LALORA_DEBUG=1``) shows
+the traceback. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+from lalora.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
+    """Call ``main()``; turn a user error into a short message and exit status 2."""
+    args = sys.argv if argv is None else argv
+    debug = "--debug" in args or os.environ.get("LALORA_DEBUG", "") not in ("", "0")
+    while "--debug" in args:
+        args.remove("--debug")
+    try:
+        main()
+    except UserError as err:
+        if debug:
+            raise
+        stage = Path(args[0]).stem if args else "lalora"
+        text = textwrap.fill(f"{stage}: error: {err}", width=100, break_long_words=False)
+        print(text + "\n(--debug or LALORA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
