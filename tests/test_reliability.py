@@ -407,14 +407,15 @@ def test_an_uncached_hub_model_offline_fails_fast_with_one_message(monkeypatch, 
 
 def test_hub_weights_are_read_from_safetensors_only(tmp_path):
     _, base = load_card_model(CARD)
-    folder = tmp_path / "pickled"
-    base.save_pretrained(folder, safe_serialization=False)
-    assert (folder / "pytorch_model.bin").exists()
+    safe = tmp_path / "safe"
+    base.save_pretrained(safe)
+    folder = tmp_path / "pickled"  # the same model as a pickled checkpoint only
+    folder.mkdir()
+    (folder / "config.json").write_bytes((safe / "config.json").read_bytes())
+    torch.save(base.state_dict(), folder / "pytorch_model.bin")
     card = ModelCard(source="hub", repo=str(folder), quantization="none")
     with pytest.raises(ModelError, match="safetensors"):
         load_base_model(card)
-    safe = tmp_path / "safe"
-    base.save_pretrained(safe)
     loaded = load_base_model(ModelCard(source="hub", repo=str(safe), quantization="none"))
     assert all(
         torch.equal(a, b) for a, b in zip(loaded.parameters(), base.parameters(), strict=True)

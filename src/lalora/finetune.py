@@ -85,6 +85,15 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _sort_target_modules(path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes with the process's
+    hash seed; sorted, the same run writes the same bytes (and DVC sees no change)."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_checkpoint(
     out: Path,
     step: int,
@@ -98,6 +107,7 @@ def save_checkpoint(
     final = checkpoint_dir(out, step)
     tmp = staging_dir(final)
     model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+    _sort_target_modules(tmp / "adapter" / "adapter_config.json")
     tensors, opt_meta = _optimizer_tensors(opt)
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -173,13 +183,8 @@ def latest_checkpoint(out: Path, fingerprint: str) -> int | None:
     """
     if not out.exists():
         return None
-    for step in range(0, 10**9):  # staging folders of a killed save
-        if (
-            not clean_staging(checkpoint_dir(out, step))
-            and step > 0
-            and not any(out.glob(f".step-{step}.*"))
-        ):
-            break
+    for path in clean_staging(out, "step-[0-9]*"):
+        print(f"finetune: removed {path}, left by an interrupted checkpoint save", file=sys.stderr)
     found = {}
     for ckpt in out.glob("step-*"):
         name = ckpt.name.removeprefix("step-")
@@ -270,7 +275,7 @@ def train(
         loss = nn.functional.cross_entropy(logits, batch.labels)
         if not torch.isfinite(loss):
             raise NonFiniteError(
-                f"finetune: the loss is {float(loss)} at step {step + 1} (lr {cfg.lr}); the run "
+                f"finetune: the loss is {float(loss)} at step {step + 1} (lr {cfg.lr:g}); the run "
                 f"diverged, the last checkpoint saved is step {saved}. Lower finetune.lr."
             )
         opt.zero_grad(set_to_none=True)
@@ -281,7 +286,7 @@ def train(
         if bad:
             raise NonFiniteError(
                 f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after step "
-                f"{step + 1} (lr {cfg.lr}); the last checkpoint saved is step {saved}. Lower "
+                f"{step + 1} (lr {cfg.lr:g}); the last checkpoint saved is step {saved}. Lower "
                 "finetune.lr."
             )
         losses.append((step + 1, float(loss)))

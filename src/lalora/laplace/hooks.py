@@ -38,6 +38,9 @@ class Tap:
         self.on_input = on_input
         self.mask_grads = mask_grads
         self.inputs: dict[str, Tensor] = {}
+        # the module outputs of this pass that carry gradients (backpropagating to these
+        # instead of the weights skips the weight gradients, which nobody reads)
+        self.outputs: list[Tensor] = []
         self._mask: Tensor | None = None
         # input tensors seen in this pass (kept alive, so no address is reused within it)
         self._seen: dict[tuple, tuple[str, Tensor]] = {}
@@ -51,6 +54,7 @@ class Tap:
     def mask(self, mask: Tensor | None) -> None:
         self._mask = mask
         self._seen.clear()
+        self.outputs.clear()
 
     def _expand(self, x: Tensor, masked: bool = True) -> Tensor:
         x = x.detach()
@@ -78,6 +82,7 @@ class Tap:
             if self.on_input is not None:
                 self.on_input(name, self.inputs[name], source)
             if output.requires_grad:
+                self.outputs.append(output)
                 output.register_hook(
                     lambda g: self.on_grad(
                         name, self.inputs[name], self._expand(g, self.mask_grads)
@@ -96,6 +101,7 @@ class Tap:
             h.remove()
         self._handles.clear()
         self.inputs.clear()
+        self.outputs.clear()
 
 
 @contextmanager
@@ -112,15 +118,17 @@ def lora_grad_enabled(modules: dict[str, nn.Linear]) -> Iterator[list[Tensor]]:
             p.requires_grad_(b)
 
 
-def output_gradients(logits: Tensor, vectors: Tensor, params: list[Tensor]) -> None:
+def output_gradients(logits: Tensor, vectors: Tensor, targets: list[Tensor]) -> None:
     """Backpropagate each column of ``vectors`` (B, C, K) as an output gradient of ``logits``
-    (B, C): K backward passes through one graph, firing the tap's gradient hooks each time.
+    (B, C) down to ``targets`` (the tap's module outputs, :attr:`Tap.outputs`): K backward
+    passes through one graph, firing the tap's gradient hooks each time. Stopping at the
+    outputs skips the weight gradients, which nothing reads.
     """
     K = vectors.shape[-1]
     for k in range(K):
         torch.autograd.grad(
             logits,
-            params,
+            targets,
             grad_outputs=vectors[:, :, k].to(logits.dtype),
             retain_graph=k < K - 1,
             allow_unused=True,

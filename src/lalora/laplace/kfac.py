@@ -141,7 +141,7 @@ def fit_kfac(
 
     was_training = model.training
     model.eval()
-    with lora_grad_enabled(modules) as params, Tap(modules, on_grad, on_input) as tap:
+    with lora_grad_enabled(modules), Tap(modules, on_grad, on_input) as tap:
         for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
             tap.mask = _mask(batch)
             logits = logits_fn(model, batch)  # (B, C)
@@ -154,7 +154,7 @@ def fit_kfac(
             )
             n_data += logits.shape[0]
             roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
-            output_gradients(logits, roots, params)
+            output_gradients(logits, roots, tap.outputs)
     model.train(was_training)
 
     factors = {}

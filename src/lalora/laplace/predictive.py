@@ -77,7 +77,7 @@ def contrast_jacobians(
     was_training = model.training
     model.eval()
     try:
-        with lora_grad_enabled(modules) as params, Tap(modules, on_grad, mask_grads=False) as tap:
+        with lora_grad_enabled(modules), Tap(modules, on_grad, mask_grads=False) as tap:
             for b, batch in enumerate(
                 tqdm(batches, desc="jacobians", disable=not progress, total=total)
             ):
@@ -88,7 +88,7 @@ def contrast_jacobians(
                 B, C = logits.shape
                 D = contrast_matrix(C)  # (K, C)
                 vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
-                output_gradients(logits, vectors, params)
+                output_gradients(logits, vectors, tap.outputs)
                 out = {}
                 for name in modules:
                     out[name] = torch.stack(jac[name], dim=1)  # (B, K, d_out, d_in)
