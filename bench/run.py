@@ -59,6 +59,7 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
         post = tune_prior(p)
         t.add("map", measure(workloads.ours_map, s)[0])
         t.add("predictive", measure(workloads.ours_predictive, s, post)[0])
+        t.add("fwd+bwd", measure(workloads.forward_backward, s)[0])
         if with_reference:
             ref = (s.model, s.train, s.answer_ids, args.rank, args.threshold)
             smp, factors = measure(reference.fit_factors, *ref)
@@ -108,9 +109,17 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
                 "met" if r <= 1.2 else "missed",
             )
         )
-    pr = t.get("predictive")
+    pr, fb = t.get("predictive"), t.get("fwd+bwd")
     lines += [
         _row("MAP evaluation (fwd)", f"{mp.seconds:.2f}", f"{mp.peak_mib:.0f}", "1", "", ""),
+        _row(
+            "forward + backward to the LoRA outputs, no Jacobians (the floor's pass)",
+            f"{fb.seconds:.2f}",
+            f"{fb.peak_mib:.0f}",
+            f"{fb.seconds / mp.seconds:.2f}",
+            "2",
+            "",
+        ),
         _row(
             "Laplace predictive (dense-side factors)",
             f"{pr.seconds:.2f}",

@@ -157,6 +157,23 @@ def ours_map(s: Setup) -> torch.Tensor:
     return map_probs(s.model, s.test, s.answer_ids)
 
 
+def forward_backward(s: Setup) -> float:
+    """The floor's pass over the test batches: one forward with gradients and one backward of
+    the logit contrast to the LoRA outputs, with no Jacobian or projection work (eval mode)."""
+    from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
+
+    modules = lora_modules(s.model)
+    total = 0.0
+    with lora_grad_enabled(modules), Tap(modules, lambda *_: None) as tap:
+        for b in s.test:
+            tap.mask = b.attention_mask
+            logits = answer_logits(s.model, b, s.answer_ids)  # (B, 2)
+            contrast = torch.tensor([1.0, -1.0])[None, :, None].expand(logits.shape[0], 2, 1)
+            output_gradients(logits, contrast, tap.outputs)
+            total += float(logits.detach().sum())
+    return total
+
+
 def ours_predictive(s: Setup, post, samples: int = 10000):
     """Laplace predictive over the test batches: probabilities (N, C), contrast cov (N, K, K)."""
     mean, cov = predict_covariance(

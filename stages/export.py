@@ -17,7 +17,7 @@ def export(checkpoint: Path, out: Path) -> None:
     """Copy ``adapter_config.json`` and ``adapter_model.safetensors`` (nothing pickled), after
     checking that both are complete (a truncated checkpoint is refused, naming the file)."""
     src = checkpoint / "adapter"
-    check_adapter(src, stage="finetune")
+    check_adapter(src, stage="finetune", finite=True)
     clean_staging(out.parent, out.name)
     tmp = staging_dir(out)
     for name in PEFT_FILES:

@@ -92,7 +92,7 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
 
 
 def test_split_round_trip_and_validation(tmp_path):
-    train, _ = load_splits(DataConfig(name="generated", n_train=50, n_test=10))
+    train, _ = load_splits(DataConfig(name="generated", n_train=50, n_test=10, val_size=0))
     rest, val = split_validation(train, 10, seed=0)
     assert len(rest) == 40 and len(val) == 10 and not {e.id for e in rest} & {e.id for e in val}
     write_split(tmp_path / "val.jsonl", val, (" A", " B"))

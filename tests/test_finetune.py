@@ -31,7 +31,7 @@ def fresh():
 
 def run(out: Path, stop_at: int | None = None):
     tok, model = fresh()
-    train_ex, _ = load_splits(DataConfig(name="generated", n_train=20, n_test=5))
+    train_ex, _ = load_splits(DataConfig(name="generated", n_train=20, n_test=5, val_size=0))
 
     def on_step(step: int) -> None:
         if step == stop_at:
@@ -70,11 +70,12 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert not all(torch.equal(start[k], end[k]) for k in start)
 
 
-def test_foreign_checkpoints_are_cleared(tmp_path):
+def test_foreign_checkpoints_are_moved_aside_not_deleted(tmp_path):
     with pytest.raises(Interrupt):
         run(tmp_path / "c", stop_at=3)
     assert latest_checkpoint(tmp_path / "c", "another-config") is None
     assert not (tmp_path / "c").exists()
+    assert (tmp_path / "c.stale-run-1" / "step-2" / "trainer.json").exists()
 
 
 def test_export_gives_a_peft_folder_that_loads(tmp_path):

@@ -146,6 +146,22 @@ def test_a_posterior_with_a_bad_eigenvalue_is_refused_naming_the_file(tmp_path, 
         Posterior.load(tmp_path)
 
 
+def test_export_refuses_an_adapter_with_non_finite_weights(tmp_path):
+    from export import export
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "c"
+    tiny_train(out)
+    path = out / "step-2" / "adapter" / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name][0, 0] = float("inf")
+    save_file(weights, str(path))
+    with pytest.raises(ArtifactError, match=rf"non-finite values in {name}.*finetune"):
+        export(out / "step-2", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_metrics_refuse_non_finite_probabilities_and_write_no_nan():
     labels = torch.tensor([0, 1, 1])
     probs = torch.tensor([[0.9, 0.1], [float("nan"), 0.5], [0.2, 0.8]], dtype=torch.float64)

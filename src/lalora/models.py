@@ -261,15 +261,24 @@ def attach_lora(model: nn.Module, card: ModelCard, seed: int = 0):
     return get_peft_model(model, config)
 
 
-def check_adapter(adapter_dir: Path, stage: str = "export") -> None:
+def check_adapter(adapter_dir: Path, stage: str = "export", finite: bool = False) -> None:
     """A PEFT adapter folder must hold a json ``adapter_config.json`` and a complete
-    ``adapter_model.safetensors``; else an ArtifactError naming the file and ``stage``."""
+    ``adapter_model.safetensors`` (with ``finite``: every weight finite, which reads them all);
+    else an ArtifactError naming the file and ``stage``."""
+    from safetensors import safe_open
+
     from lalora.io import check_safetensors, read_json
 
     adapter_dir = Path(adapter_dir)
     if not isinstance(read_json(adapter_dir / "adapter_config.json", stage), dict):
         raise ArtifactError(adapter_dir / "adapter_config.json", "not a json object", stage)
-    check_safetensors(adapter_dir / "adapter_model.safetensors", stage)
+    weights = adapter_dir / "adapter_model.safetensors"
+    names = check_safetensors(weights, stage)
+    if finite:
+        with safe_open(str(weights), "pt") as f:
+            for name in names:
+                if not torch.isfinite(f.get_tensor(name)).all():
+                    raise ArtifactError(weights, f"non-finite values in {name}", stage)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False):
