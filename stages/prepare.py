@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lalora.cli import run
 from lalora.config import DataConfig, load_params
-from lalora.data import AB_ANSWERS, load_splits, split_validation, write_split
+from lalora.data import answers_of, load_splits, split_validation, write_split
 
 
 def prepare(cfg: DataConfig, out: Path) -> dict[str, int]:
@@ -15,7 +15,7 @@ def prepare(cfg: DataConfig, out: Path) -> dict[str, int]:
     train, test = load_splits(cfg)
     train, val = split_validation(train, cfg.val_size, cfg.seed)
     for name, examples in (("train", train), ("val", val), ("test", test)):
-        write_split(out / f"{name}.jsonl", examples, AB_ANSWERS)
+        write_split(out / f"{name}.jsonl", examples, answers_of(cfg.name))
     return {"train": len(train), "val": len(val), "test": len(test)}
 
 

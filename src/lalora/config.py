@@ -87,7 +87,9 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The task: ``name`` is a key of :data:`lalora.data.DATASETS`.
+    """The task: ``name`` is a key of :data:`lalora.data.DATASETS` (generated, winogrande,
+    arc_c, arc_e, obqa, boolq). For read datasets ``n_train``/``n_test`` examples are used
+    (a seeded subset in file order when fewer than the split holds).
 
     ``source`` is ``generated`` (the project's own task), ``hub`` (HuggingFace ``datasets``) or
     ``local`` (a folder of the official files, ``local_dir``, relative to the project root).

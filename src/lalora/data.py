@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lalora.config import DataConfig
 from lalora.errors import UserError
 from lalora.generated import GenerationError, generate_task
+from lalora.qa import ABCD_ANSWERS, BOOL_ANSWERS, QAFormatError, boolq_prompt, four_choice_prompt
 
 WINOGRANDE_PROMPT = (
     "Select one of the choices that answers the following question: {sentence} "
@@ -99,41 +100,149 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             yield i, record
 
 
-def load_winogrande_local(folder: Path, split: str) -> list[Example]:
-    """Read ``{folder}/{split}.jsonl`` (official WinoGrande v1.1 files)."""
-    if not folder.is_dir():
-        raise DataError(f"local WinoGrande folder not found: looked in {folder.resolve()}")
-    path = folder / f"{split}.jsonl"
-    if not path.exists():
-        raise DataError(f"WinoGrande split {split!r} not found: looked for {path.resolve()}")
-    examples = [winogrande_prompt(r, f"{path}:{i}") for i, r in read_jsonl(path)]
-    if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    return examples
-
-
-def load_winogrande_hub(split: str) -> list[Example]:
-    """Load a split from the hub: ``train_s`` -> config ``winogrande_s`` split ``train``, ``dev``
-    -> the validation split (identical across configs)."""
-    import datasets
-
-    size = split.removeprefix("train_") if split.startswith("train_") else "xl"
-    hub_split = "train" if split.startswith("train_") else "validation"
-    ds = datasets.load_dataset("allenai/winogrande", f"winogrande_{size}", split=hub_split)
-    return [winogrande_prompt(r, f"allenai/winogrande[{hub_split}]:{i}") for i, r in enumerate(ds)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Registry and preparation
 
-DATASETS = ("generated", "winogrande")
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A benchmark: its answer strings, its local files by split name (``{split}`` is replaced
+    by the split name), where ``datasets`` finds it on the hub, and the record parser
+    (``record, where -> (id, prompt, label)``, or None for a record the preparation drops)."""
+
+    answers: tuple[str, ...]
+    local_file: dict[str, str] | str
+    hub: tuple[str, str | None]
+    hub_split: dict[str, str]
+    parse: Callable[[dict, str], tuple[str, str, int] | None]
+
+
+def _winogrande(record: dict, where: str) -> tuple[str, str, int]:
+    e = winogrande_prompt(record, where)
+    return e.id, e.prompt, e.label
+
+
+def _arc_files(kind: str) -> dict[str, str]:
+    return {s: f"ARC-{kind}-{s.capitalize()}.jsonl" for s in ("train", "dev", "test")}
+
+
+_ARC_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+DATASETS: dict[str, DatasetSpec | None] = {
+    "generated": None,  # built by lalora.generated, not read
+    "winogrande": DatasetSpec(
+        AB_ANSWERS, "{split}.jsonl", ("allenai/winogrande", None), {}, _winogrande
+    ),
+    "arc_c": DatasetSpec(
+        ABCD_ANSWERS,
+        _arc_files("Challenge"),
+        ("allenai/ai2_arc", "ARC-Challenge"),
+        _ARC_SPLITS,
+        four_choice_prompt,
+    ),
+    "arc_e": DatasetSpec(
+        ABCD_ANSWERS,
+        _arc_files("Easy"),
+        ("allenai/ai2_arc", "ARC-Easy"),
+        _ARC_SPLITS,
+        four_choice_prompt,
+    ),
+    "obqa": DatasetSpec(
+        ABCD_ANSWERS,
+        {s: f"{s}.jsonl" for s in ("train", "dev", "test")},
+        ("allenai/openbookqa", "main"),
+        _ARC_SPLITS,
+        four_choice_prompt,
+    ),
+    "boolq": DatasetSpec(
+        BOOL_ANSWERS,
+        {"dev": "dev.jsonl"},
+        ("google/boolq", None),
+        {"train": "train", "dev": "validation"},
+        boolq_prompt,
+    ),
+}
+
+
+def answers_of(name: str) -> tuple[str, ...]:
+    """The answer strings (next tokens) of a dataset."""
+    spec = _spec(name)
+    return AB_ANSWERS if spec is None else spec.answers
+
+
+def _spec(name: str) -> DatasetSpec | None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {list(DATASETS)}")
+    return DATASETS[name]
+
+
+def _parse_all(spec: DatasetSpec, rows: Iterable[tuple[int, dict]], where: str) -> list[Example]:
+    out = []
+    for i, record in rows:
+        try:
+            parsed = spec.parse(record, f"{where}:{i}")
+        except QAFormatError as err:
+            raise DataError(str(err)) from None
+        if parsed is not None:
+            out.append(Example(id=parsed[0], prompt=parsed[1], label=parsed[2]))
+    return out
+
+
+def load_local(name: str, folder: Path, split: str) -> list[Example]:
+    """Examples of one split of dataset ``name`` from a folder of its official files."""
+    spec = _spec(name)
+    if spec is None:
+        raise DataError(f"dataset {name!r} is generated, not read from files")
+    if not folder.is_dir():
+        raise DataError(f"local {name} folder not found: looked in {folder.resolve()}")
+    files = spec.local_file
+    if isinstance(files, str):
+        path = folder / files.format(split=split)
+    elif split in files:
+        path = folder / files[split]
+    else:
+        hint = ""
+        if name == "boolq" and split == "train":
+            hint = (
+                " BoolQ's training split is not among the local files (only dev.jsonl is "
+                "shipped): use data.source=hub (google/boolq), or a folder that has it."
+            )
+        raise DataError(
+            f"dataset {name!r} has no local split {split!r}; local splits: {sorted(files)}.{hint}"
+        )
+    if not path.exists():
+        raise DataError(f"{name} split {split!r} not found: looked for {path.resolve()}")
+    examples = _parse_all(spec, read_jsonl(path), str(path))
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty or every record was dropped)")
+    return examples
+
+
+def load_hub(name: str, split: str) -> list[Example]:
+    """Examples of one split from the HuggingFace hub through ``datasets``."""
+    import datasets
+
+    spec = _spec(name)
+    if spec is None:
+        raise DataError(f"dataset {name!r} is generated, not read from the hub")
+    path, config = spec.hub
+    hub_split = spec.hub_split.get(split, split)
+    if name == "winogrande":  # train_s -> config winogrande_s, split train; dev -> validation
+        train = split.startswith("train_")
+        config = f"winogrande_{split.removeprefix('train_') if train else 'xl'}"
+        hub_split = "train" if train else "validation"
+    ds = datasets.load_dataset(path, config, split=hub_split)
+    return _parse_all(spec, enumerate(ds), f"{path}[{hub_split}]")
+
+
+def load_winogrande_local(folder: Path, split: str) -> list[Example]:
+    """Read ``{folder}/{split}.jsonl`` (official WinoGrande v1.1 files)."""
+    return load_local("winogrande", folder, split)
 
 
 def load_splits(cfg: DataConfig, root: Path = Path(".")) -> tuple[list[Example], list[Example]]:
     """Load ``(train, test)`` examples for the configured dataset."""
-    if cfg.name not in DATASETS:
-        raise DataError(f"unknown dataset {cfg.name!r}; known: {list(DATASETS)}")
-    if cfg.name == "generated":
+    spec = _spec(cfg.name)
+    if spec is None:
         if cfg.source != "generated":
             raise DataError("dataset 'generated' needs source: generated")
         try:
@@ -146,12 +255,26 @@ def load_splits(cfg: DataConfig, root: Path = Path(".")) -> tuple[list[Example],
         )
     if cfg.source == "local":
         folder = root / cfg.local_dir
-        return load_winogrande_local(folder, cfg.train_split), load_winogrande_local(
-            folder, cfg.test_split
-        )
-    if cfg.source == "hub":
-        return load_winogrande_hub(cfg.train_split), load_winogrande_hub(cfg.test_split)
-    raise DataError(f"dataset {cfg.name!r} cannot be read from source {cfg.source!r}")
+        train, test = (load_local(cfg.name, folder, s) for s in (cfg.train_split, cfg.test_split))
+    elif cfg.source == "hub":
+        train, test = (load_hub(cfg.name, s) for s in (cfg.train_split, cfg.test_split))
+    else:
+        raise DataError(f"dataset {cfg.name!r} cannot be read from source {cfg.source!r}")
+    return (
+        subsample(train, cfg.n_train, cfg.seed, f"data.n_train ({cfg.train_split})"),
+        subsample(test, cfg.n_test, cfg.seed + 1, f"data.n_test ({cfg.test_split})"),
+    )
+
+
+def subsample(examples: list[Example], n: int, seed: int, key: str) -> list[Example]:
+    """A seeded subset of ``n`` examples in their file order (all of them when ``n`` is the
+    split's size); more than the split holds is an error naming ``key``."""
+    if n > len(examples):
+        raise DataError(f"{key} is {n} but the split has {len(examples)} examples")
+    if n == len(examples):
+        return examples
+    keep = set(random.Random(seed).sample(range(len(examples)), n))
+    return [e for i, e in enumerate(examples) if i in keep]
 
 
 def split_validation(
