@@ -85,7 +85,7 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
     (folder / "train_s.jsonl").write_text(json.dumps({"sentence": "A _"}) + "\n")
     with pytest.raises(DataError, match=r"train_s.jsonl:1: missing field 'option1'"):
         load_winogrande_local(folder, "train_s")
-    with pytest.raises(DataError, match="local WinoGrande folder not found: looked in"):
+    with pytest.raises(DataError, match="local winogrande folder not found: looked in"):
         load_winogrande_local(tmp_path / "absent", "train_s")
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_splits(DataConfig(name="mnist"))
@@ -108,6 +108,8 @@ def test_official_winogrande_s_and_dev():
         local_dir=str(SHARED),
         train_split="train_s",
         test_split="dev",
+        n_train=640,
+        n_test=1267,
     )
     train, test = load_splits(cfg, root=Path("/"))
     assert len(train) == 640 and len(test) == 1267
