@@ -3,15 +3,15 @@
     python -m bench.exact_laplace --model smollm2-135m --step 200       # after `dvc repro`
     python -m bench.exact_laplace --step 200 --n-train 160 --n-test 200 --out /tmp/exact.md
 
-Reads the pipeline's artifacts (``params.yaml``, ``data/{train,test}.jsonl``,
-``models/<model>/adapters/step-<N>`` and ``step-0``, the LoRA initialisation). For each posterior
-(KFAC as configured, KFAC with every side up to 4096 dense, the exact block-diagonal GGN, the
-exact full GGN, all over every LoRA weight and the same training prompts) and each prior mean
+Reads the pipeline's artifacts (``params.yaml``, ``data/<dataset>/{train,test}.jsonl``,
+``models/<model>/<dataset>/adapters/step-<N>`` and ``step-0``, the LoRA initialisation). For each
+posterior (KFAC as configured, KFAC with every side up to 4096 dense, the exact block-diagonal GGN,
+the exact full GGN, all over every LoRA weight and the same training prompts) and each prior mean
 (zero; the LoRA initialisation), the prior precision is tuned by the marginal likelihood, and the
 table gives lambda, log Z, the effective dimension gamma, the mean contrast variance on the test
-prompts, the median ratio of each example's variance to the exact full GGN's at the same lambda,
-and ACC / NLL / ECE of the linearised predictive. The last column is the scalar lambda with the
-lowest test NLL (an oracle, not a method): whether any isotropic prior would calibrate.
+prompts, the median ratio of each example's variance to the exact full GGN's at the same lambda, and
+ACC / NLL / ECE of the linearised predictive. The last column is the scalar lambda with the lowest
+test NLL (an oracle, not a method): whether any isotropic prior would calibrate.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default=None, help="default: the first of params' datasets")
     parser.add_argument("--step", type=int, required=True)
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -105,13 +106,15 @@ def main() -> None:
 
     t0 = time.time()
     params = load_params(args.params)
+    dataset = args.dataset or params.datasets[0]
+    params.dataset(dataset)  # a clear error for an unknown name
     card = params.card(args.model)
-    root = args.models_dir / args.model / "adapters"
+    root = args.models_dir / args.model / dataset / "adapters"
     tok, model = load_adapted(card, root / f"step-{args.step}")
     mods = lora_modules(model)
     init = adapter_lora_weights(root / "step-0", list(mods))
-    train_split = read_split(args.data_dir / "train.jsonl")
-    test_split = read_split(args.data_dir / "test.jsonl")
+    train_split = read_split(args.data_dir / dataset / "train.jsonl")
+    test_split = read_split(args.data_dir / dataset / "test.jsonl")
     train_ex = list(train_split.examples)[: args.n_train or None]
     test_ex = list(test_split.examples)[: args.n_test or None]
     fn = logits_fn(answer_token_ids(tok, train_split.answers))

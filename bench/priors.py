@@ -3,13 +3,13 @@
     python -m bench.priors --model smollm2-135m                 # after `dvc repro`
     python -m bench.priors --steps 0 400 --out /tmp/priors.md
 
-For each checkpoint, one Jacobian pass over the test split and one over the validation split
-give the linearised predictive at any prior; the saved Kronecker factors
-(``models/<model>/kfac/step-<N>``) give log Z. Compared: the marginal-likelihood prior, scalar or
-one precision per LoRA module (``layerwise``), centred at zero or at the LoRA initialisation (the
-step-0 adapter); and the scalar prior minimising the validation NLL. Each row gives lambda (the
-geometric mean for layerwise), log Z (comparable between marglik rows of one checkpoint: the
-evidence for that prior), and ACC / NLL / ECE / mean confidence on the test split.
+For each checkpoint, one Jacobian pass over the test split and one over the validation split give
+the linearised predictive at any prior; the saved Kronecker factors
+(``models/<model>/<dataset>/kfac/step-<N>``) give log Z. Compared: the marginal-likelihood prior,
+scalar or one precision per LoRA module (``layerwise``), centred at zero or at the LoRA
+initialisation (the step-0 adapter); and the scalar prior minimising the validation NLL. Each row
+gives lambda (the geometric mean for layerwise), log Z (comparable between marglik rows of one
+checkpoint: the evidence for that prior), and ACC / NLL / ECE / mean confidence on the test split.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dataset", default=None, help="default: the first of params' datasets")
     parser.add_argument("--steps", type=int, nargs="*", help="default: params' checkpoints")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -63,14 +64,16 @@ def main() -> None:
 
     t0 = time.time()
     params = load_params(args.params)
+    dataset = args.dataset or params.datasets[0]
+    params.dataset(dataset)  # a clear error for an unknown name
     card, pr, pred = params.card(args.model), params.prior, params.predictive
-    root = args.models_dir / args.model
-    test_split = read_split(args.data_dir / "test.jsonl")
+    root = args.models_dir / args.model / dataset
+    test_split = read_split(args.data_dir / dataset / "test.jsonl")
     test_examples = list(test_split.examples)[: args.n_test or None]
-    val_split = read_split(args.data_dir / "val.jsonl")
+    val_split = read_split(args.data_dir / dataset / "val.jsonl")
     steps = args.steps if args.steps else list(params.checkpoints)
     lines = [
-        f"# Priors of the Kronecker Laplace posterior: {args.model}, data `{params.data.name}`",
+        f"# Priors of the Kronecker Laplace posterior: {args.model}, data `{dataset}`",
         "",
         f"`python -m bench.priors --model {args.model} --n-test {args.n_test}` on the "
         "artifacts of `dvc repro`: factors "

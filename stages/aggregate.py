@@ -9,7 +9,7 @@ from lalora.cli import run
 from lalora.config import load_params
 from lalora.io import read_json
 from lalora.metrics import check_finite
-from lalora.report import write_all
+from lalora.report import dataset_label, write_all
 
 
 def main() -> None:
@@ -22,17 +22,14 @@ def main() -> None:
     params = load_params(args.params)
     results = []
     for model in params.models:
-        for step in params.checkpoints:
-            path = args.results / model / f"step-{step}.json"
-            result = read_json(path, f"evaluate@{model}-{step}")
-            check_finite(result, str(path))
-            results.append(result)
-    dataset = (
-        params.data.name
-        if params.data.name != "winogrande"
-        else "WG-" + (params.data.train_split.removeprefix("train_").upper())
-    )
-    write_all(results, list(params.models), dataset, args.metrics, args.plots)
+        for dataset in params.datasets:
+            for step in params.checkpoints:
+                path = args.results / model / dataset / f"step-{step}.json"
+                result = read_json(path, f"evaluate@{model}-{dataset}-{step}")
+                check_finite(result, str(path))
+                results.append({**result, "dataset": dataset})
+    labels = {d: dataset_label(d, params.dataset(d)) for d in params.datasets}
+    write_all(results, list(params.models), labels, args.metrics, args.plots)
 
 
 if __name__ == "__main__":

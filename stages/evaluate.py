@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True, help="a key of data in params.yaml")
     parser.add_argument("--step", type=int, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--kfac", type=Path, required=True)
@@ -53,17 +54,17 @@ def main() -> None:
         "map": torch.softmax(mean, -1),
         "laplace": predictive_probs(mean, cov, pred.link, pred.samples, pred.seed),
     }
-    result = {"model": args.model, "step": args.step}
+    result = {"model": args.model, "dataset": args.dataset, "step": args.step}
     for method, p in probs.items():
         result[method] = score(p, run.labels, cfg.ece_bins).to_dict()
     result["prior_precision"] = prior["prior_precision"]
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
     result["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
     result["mean_logit_variance"] = float(torch.diagonal(cov, dim1=1, dim2=2).mean())
-    check_finite(result, f"evaluate {args.model} step {args.step}")
+    check_finite(result, f"evaluate {args.model} {args.dataset} step {args.step}")
     atomic_write_json(args.out, result)
     print(
-        f"{args.model} step {args.step}: "
+        f"{args.model} {args.dataset} step {args.step}: "
         + ", ".join(
             f"{m} acc={result[m]['acc']:.3f} nll={result[m]['nll']:.3f} ece={result[m]['ece']:.3f}"
             for m in probs

@@ -1,4 +1,5 @@
-"""Stage prepare: prompts for train, validation (optional, carved from train) and test."""
+"""Stage prepare@<dataset>: prompts for train, validation (optional, carved from train) and
+test."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def prepare(cfg: DataConfig, out: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", required=True, help="a key of data in params.yaml")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    sizes = prepare(load_params(args.params).data, args.out)
-    print("prepared", sizes)
+    sizes = prepare(load_params(args.params).dataset(args.dataset), args.out)
+    print(f"prepared {args.dataset}:", sizes)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,20 @@ def test_cards_validate_their_source():
         ModelCard(source="hub")
     with pytest.raises(ConfigError, match="arch"):
         ModelCard(source="tiny")
+
+
+def test_data_paper_is_the_six_datasets_of_the_paper():
+    raw = compose(ROOT / "conf", ["data=paper"])
+    params = load_section(Params, raw, "")
+    assert params.datasets == ("winogrande_s", "winogrande_m", "arc_c", "arc_e", "obqa", "boolq")
+    for name in params.datasets:  # each entry equals its own group option
+        alone = compose(ROOT / "conf", [f"data={name}"])
+        assert alone["datasets"] == [name] and alone["data"][name] == raw["data"][name]
+    assert params.dataset("obqa").name == "obqa" and params.dataset("winogrande_m").n_train == 2558
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
+        params.dataset("mnist")
+    raw = compose(ROOT / "conf", ["data=paper", "datasets=[arc_e,obqa]"])
+    assert load_section(Params, raw, "").datasets == ("arc_e", "obqa")
+    raw["datasets"] = ["arc_e", "nope"]
+    with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+        load_section(Params, raw, "")

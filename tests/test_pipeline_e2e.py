@@ -77,7 +77,7 @@ def repo(tmp_path_factory):
             "tiny-a": {**TINY, "arch": "llama"},
             "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
         }
-        params["data"].update(n_train=16, n_test=8, val_size=4)
+        params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
         params["finetune"].update(steps=2, save_every=2, batch_size=4)
         params["checkpoints"] = [0, 2]
         params["kfac"].update(batch_size=6)
@@ -97,16 +97,18 @@ def repo(tmp_path_factory):
 def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     repo, env = repo
     stages_a = {
-        f"{s}@tiny-a-{k}" for s in ("export", "fit_kfac", "tune_prior", "evaluate") for k in (0, 2)
-    } | {"finetune@tiny-a"}
+        f"{s}@tiny-a-generated-{k}"
+        for s in ("export", "fit_kfac", "tune_prior", "evaluate")
+        for k in (0, 2)
+    } | {"finetune@tiny-a-generated"}
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
-    assert repro(repo, env) == {"prepare", "aggregate"} | stages_a | stages_b
+    assert repro(repo, env) == {"prepare@generated", "aggregate"} | stages_a | stages_b
     for f in (
         "metrics/table2.md",
         "metrics/table3.md",
         "plots/figure1.png",
         "plots/reliability.png",
-        "models/tiny-a/adapters/step-2/adapter_config.json",
+        "models/tiny-a/generated/adapters/step-2/adapter_config.json",
     ):
         assert (repo / f).exists(), f
     assert repro(repo, env) == set()

@@ -71,7 +71,7 @@ def tiny_params(folder: Path, **edits) -> Path:
     raw = compose(ROOT / "conf")
     raw["models"] = ["tiny"]
     raw["zoo"] = {"tiny": TINY}
-    raw["data"].update(n_train=16, n_test=6, val_size=4)
+    raw["data"]["generated"].update(n_train=16, n_test=6, val_size=4)
     raw["finetune"].update(steps=4, save_every=2, batch_size=3, max_length=64, lr=1e-3)
     raw["checkpoints"] = [0, 2, 4]
     raw["kfac"].update(batch_size=6)
@@ -79,7 +79,7 @@ def tiny_params(folder: Path, **edits) -> Path:
     for key, value in edits.items():
         section, _, name = key.partition(".")
         if name:
-            raw[section][name] = value
+            (raw["data"]["generated"] if section == "data" else raw[section])[name] = value
         else:
             raw[section] = value
     path = folder / "params.yaml"
@@ -178,7 +178,7 @@ def test_aggregate_refuses_a_nan_result_naming_the_file(tmp_path):
     params = tiny_params(tmp_path, checkpoints=[0, 2, 4])
     result = {"model": "tiny", "map": {"acc": 0.5, "nll": math.nan, "ece": 0.1}}
     for step in (0, 2, 4):
-        path = tmp_path / "res" / "tiny" / f"step-{step}.json"
+        path = tmp_path / "res" / "tiny" / "generated" / f"step-{step}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**result, "step": step}))
     res = stage(
@@ -186,7 +186,7 @@ def test_aggregate_refuses_a_nan_result_naming_the_file(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 2, res.stderr
-    assert "res/tiny/step-0.json: map.nll is nan" in res.stderr
+    assert "res/tiny/generated/step-0.json: map.nll is nan" in res.stderr
     assert not (tmp_path / "m" / "summary.json").exists()
 
 
@@ -230,6 +230,8 @@ def test_meaningless_values_are_refused_naming_the_key(tmp_path, section, key, v
     raw = compose(ROOT / "conf")
     if section == "zoo":
         raw["zoo"]["smollm2-135m"][key] = value
+    elif section == "data":
+        raw["data"]["generated"][key] = value
     else:
         raw[section][key] = value
     path = tmp_path / "params.yaml"
@@ -257,8 +259,8 @@ def test_a_missing_section_is_refused(tmp_path, section):
 
 def test_dataclass_defaults_equal_the_composed_conf_defaults():
     raw = compose(ROOT / "conf")
+    assert load_section(DataConfig, raw["data"]["generated"], "data") == DataConfig()
     for key, cls in [
-        ("data", DataConfig),
         ("finetune", FinetuneConfig),
         ("evaluate", EvaluateConfig),
         ("kfac", KfacConfig),
@@ -287,11 +289,13 @@ def test_an_empty_training_file_and_a_null_option_are_named(tmp_path):
     [
         (lambda r: r.update(models=["../../.."]), r"models: '\.\./\.\./\.\.' is not a plain name"),
         (lambda r: r["zoo"].update({"a/b": r["zoo"]["smollm2-135m"]}), "zoo.a/b"),
-        (lambda r: r["data"].update(train_split="../secret"), "train_split"),
-        (lambda r: r["data"].update(name="x/y"), "name: 'x/y' is not a plain name"),
+        (lambda r: r["data"]["generated"].update(train_split="../secret"), "train_split"),
+        (lambda r: r["data"]["generated"].update(name="x/y"), "name: 'x/y' is not a plain name"),
+        (lambda r: r.update(datasets=["../d"]), r"datasets: '\.\./d' is not a plain name"),
+        (lambda r: r["data"].update({"a/b": r["data"]["generated"]}), "data.a/b"),
         (
-            lambda r: r["data"].update(source="local", local_dir="no/such/folder"),
-            "data.local_dir: 'no/such/folder' is not a folder",
+            lambda r: r["data"]["generated"].update(source="local", local_dir="no/such/folder"),
+            "data.generated.local_dir: 'no/such/folder' is not a folder",
         ),
     ],
 )
@@ -396,14 +400,26 @@ def test_a_non_utf8_byte_names_file_and_line(tmp_path):
 
 def test_stage_errors_are_one_paragraph_and_debug_shows_the_traceback(tmp_path):
     params = tiny_params(tmp_path, **{"finetune.lr": -1.0})
-    res = stage("prepare", "--params", str(params), "--out", "data", cwd=tmp_path)
+    res = stage(
+        "prepare", "--params", str(params), "--dataset", "generated", "--out", "data", cwd=tmp_path
+    )
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert res.stderr.startswith("prepare: error: ") and "lr and max_length must be positive" in (
         res.stderr
     )
     assert len(res.stderr.strip().splitlines()) <= 4
-    res = stage("prepare", "--params", str(params), "--out", "data", cwd=tmp_path, debug=True)
+    res = stage(
+        "prepare",
+        "--params",
+        str(params),
+        "--dataset",
+        "generated",
+        "--out",
+        "data",
+        cwd=tmp_path,
+        debug=True,
+    )
     assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError" in res.stderr
 
 
@@ -465,7 +481,19 @@ def killed_stage(name: str, module: str, nth: int, *args: str, cwd: Path):
 
 def test_sigkill_during_a_checkpoint_save_and_fit_kfac_then_rerun(tmp_path):
     params = tiny_params(tmp_path)
-    assert stage("prepare", "--params", str(params), "--out", "data", cwd=tmp_path).returncode == 0
+    assert (
+        stage(
+            "prepare",
+            "--params",
+            str(params),
+            "--dataset",
+            "generated",
+            "--out",
+            "data",
+            cwd=tmp_path,
+        ).returncode
+        == 0
+    )
     ft = ["--params", str(params), "--model", "tiny", "--data", "data/train.jsonl"]
 
     res = stage("finetune", *ft, "--out", "full", "--loss-csv", "full.csv", cwd=tmp_path)

@@ -225,12 +225,14 @@ class PredictiveConfig:
 @dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``. Loaded by :func:`load_params`, every section must be present;
-    the defaults here equal the composed ``conf/`` (tested)."""
+    the defaults here equal the composed ``conf/`` (tested). ``datasets`` names the entries of
+    ``data`` that the study runs (each is prepared, fine-tuned on and evaluated on its own)."""
 
     models: tuple[str, ...]
+    datasets: tuple[str, ...]
     checkpoints: tuple[int, ...]
     zoo: dict[str, ModelCard] = field(default_factory=dict)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: dict[str, DataConfig] = field(default_factory=lambda: {"generated": DataConfig()})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     kfac: KfacConfig = field(default_factory=KfacConfig)
@@ -246,6 +248,18 @@ class Params:
             check_plain_name("models", name)
             if name not in self.zoo:
                 raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(self.zoo)}")
+        if not self.datasets:
+            raise ConfigError("datasets: the list is empty; name at least one entry of data")
+        for name in self.data:
+            check_plain_name(f"data.{name}", name)
+        for name in self.datasets:
+            check_plain_name("datasets", name)
+            if name not in self.data:
+                raise ConfigError(f"unknown dataset {name!r}; data has {sorted(self.data)}")
+        if len(set(self.datasets)) != len(self.datasets) or len(set(self.models)) != len(
+            self.models
+        ):
+            raise ConfigError("models and datasets must not repeat a name")
         if list(self.checkpoints) != self.finetune.checkpoints:
             raise ConfigError(
                 f"checkpoints {list(self.checkpoints)} must equal "
@@ -257,6 +271,12 @@ class Params:
         if model not in self.zoo:
             raise ConfigError(f"unknown model {model!r}; the zoo has {sorted(self.zoo)}")
         return self.zoo[model]
+
+    def dataset(self, name: str) -> DataConfig:
+        """The data section of dataset ``name``, with a clear error for an unknown name."""
+        if name not in self.data:
+            raise ConfigError(f"unknown dataset {name!r}; data has {sorted(self.data)}")
+        return self.data[name]
 
 
 def _type_name(tp: Any) -> str:
@@ -339,12 +359,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             "section from conf/config.yaml)"
         )
     params = _from_dict(Params, raw, "")
-    data = params.data
-    if data.source == "local" and not (path.parent / data.local_dir).is_dir():
-        raise ConfigError(
-            f"data.local_dir: {data.local_dir!r} is not a folder "
-            f"(looked in {(path.parent / data.local_dir).resolve()})"
-        )
+    for name in params.datasets:
+        data = params.data[name]
+        if data.source == "local" and not (path.parent / data.local_dir).is_dir():
+            raise ConfigError(
+                f"data.{name}.local_dir: {data.local_dir!r} is not a folder "
+                f"(looked in {(path.parent / data.local_dir).resolve()})"
+            )
     return params
 
 

@@ -2,12 +2,12 @@
 
 Artifact layout (``dvc.yaml`` names the same paths):
 
-    data/{train,val,test}.jsonl                prepared prompts (first line: answer strings)
-    models/<model>/checkpoints/step-<N>/       training checkpoints (adapter + trainer state)
-    models/<model>/adapters/step-<N>/          exported PEFT adapters
-    models/<model>/kfac/step-<N>/              Kronecker factors (posterior without prior)
-    models/<model>/prior/step-<N>.json         tuned prior precision and log Z
-    metrics/checkpoints/<model>/step-<N>.json  MAP and Laplace metrics of one checkpoint
+    data/<dataset>/{train,val,test}.jsonl                prepared prompts (first line: answers)
+    models/<model>/<dataset>/checkpoints/step-<N>/       training checkpoints (adapter, trainer)
+    models/<model>/<dataset>/adapters/step-<N>/          exported PEFT adapters
+    models/<model>/<dataset>/kfac/step-<N>/              Kronecker factors (no prior yet)
+    models/<model>/<dataset>/prior/step-<N>.json         tuned prior precision and log Z
+    metrics/checkpoints/<model>/<dataset>/step-<N>.json  MAP and Laplace metrics
 """
 
 from __future__ import annotations
