@@ -30,3 +30,25 @@ def test_perfectly_calibrated_and_bins_param():
     s = score(probs, torch.zeros(3, dtype=torch.long), n_bins=4)
     assert s.acc == 1.0 and s.ece == pytest.approx(0.0) and s.nll == pytest.approx(0.0)
     assert len(s.bins.count) == 4
+
+
+def test_brier_and_weighted_metrics_equal_explicit_resamples():
+    from lalora.metrics import bootstrap_intervals, weighted_metrics
+
+    gen = torch.Generator().manual_seed(3)
+    probs = torch.softmax(2 * torch.randn(40, 4, generator=gen, dtype=torch.float64), 1)
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    s = score(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels, 4).double()
+    assert s.brier == pytest.approx(float(((probs - onehot) ** 2).sum(1).mean()), rel=1e-12)
+    idx = torch.randint(0, 40, (3, 40), generator=gen)
+    W = torch.stack([torch.bincount(row, minlength=40) for row in idx]).double()
+    got = weighted_metrics(probs, labels, W)
+    for r in range(3):
+        ref = score(probs[idx[r]], labels[idx[r]])
+        for k in ("acc", "nll", "ece", "brier"):
+            assert float(got[k][r]) == pytest.approx(getattr(ref, k), rel=1e-10, abs=1e-12), k
+    ci = bootstrap_intervals(probs, labels, resamples=500)
+    for k in ("acc", "nll", "ece", "brier"):
+        assert ci[k].low <= getattr(s, k) <= ci[k].high or k == "ece"  # ECE is biased upward
+        assert ci[k].low < ci[k].high

@@ -1,8 +1,9 @@
-"""Accuracy, NLL and expected calibration error (method.md section 6).
+"""Accuracy, NLL, expected calibration error and Brier score (method.md section 6), with
+bootstrap intervals.
 
 ``probs`` is (N, C) predictive probabilities, ``labels`` (N,) integer classes. NLL is the mean of
 -log p(y_true); ECE uses equal-width bins on the top-class probability (Guo et al. 2017), bins
-(b-1)/B < conf <= b/B.
+(b-1)/B < conf <= b/B; the Brier score is the mean of sum_c (p_c - [c = y])^2 (Brier 1950).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Scores:
     acc: float
     nll: float
     ece: float
+    brier: float
     n: int
     bins: ReliabilityBins
 
@@ -98,6 +100,64 @@ def score(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Scores:
         acc=float((probs.argmax(-1) == labels).double().mean()),
         nll=float(-p_true.log().mean()),
         ece=ece_from_bins(bins),
+        brier=float(_brier_terms(probs, labels).mean()),
         n=int(labels.shape[0]),
         bins=bins,
     )
+
+
+def _brier_terms(probs: Tensor, labels: Tensor) -> Tensor:
+    """Per example sum_c (p_c - [c = y])^2, (N,)."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
+    return ((probs.double() - onehot) ** 2).sum(1)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A bootstrap percentile interval: ``low`` and ``high`` around the point estimate."""
+
+    low: float
+    high: float
+
+
+def weighted_metrics(
+    probs: Tensor, labels: Tensor, W: Tensor, n_bins: int = 10
+) -> dict[str, Tensor]:
+    """ACC, NLL, ECE and Brier (each (R,)) of R resamples given as example counts W (R, N)
+    (each row sums to N): the metrics of the data set that repeats example i W[r, i] times."""
+    probs, n = probs.double(), labels.shape[0]
+    conf, pred = probs.max(dim=1)
+    correct = (pred == labels).double()
+    nll = -probs.gather(1, labels[:, None]).squeeze(1).clamp(min=1e-300).log()
+    b = torch.clamp(torch.ceil(conf * n_bins).long() - 1, 0, n_bins - 1)
+    onehot = torch.nn.functional.one_hot(b, n_bins).double()  # (N, bins)
+    gap = W @ (onehot * (correct - conf)[:, None])  # (R, bins): sum of (acc - conf) per bin
+    return {
+        "acc": W @ correct / n,
+        "nll": W @ nll / n,
+        "ece": gap.abs().sum(1) / n,
+        "brier": W @ _brier_terms(probs, labels) / n,
+    }
+
+
+def bootstrap_intervals(
+    probs: Tensor,
+    labels: Tensor,
+    n_bins: int = 10,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Percentile intervals of ACC, NLL, ECE and Brier over ``resamples`` seeded bootstrap
+    resamples of the N examples (Efron 1979). Each resample is a row of multinomial counts W
+    (R, N), so every metric is exact through sums: NLL = W nll / N, and ECE from the per-bin
+    sums W onehot(bin), W (onehot(bin) conf), W (onehot(bin) correct)."""
+    n = labels.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=gen)
+    W = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(resamples, n, dtype=torch.float64)
+    )  # (R, N) counts
+    values = weighted_metrics(probs, labels, W, n_bins)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    return {k: Interval(*torch.quantile(v, q).tolist()) for k, v in values.items()}
