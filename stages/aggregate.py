@@ -1,4 +1,5 @@
-"""Stage aggregate: Tables 2-3, the summary metric, plot csv files, Figure 1, reliability."""
+"""Stage aggregate: Tables 2-3, the summary metric, plot csv files, Figure 1, reliability, and
+the methods comparison (metrics/comparison.md|csv) from the saved predictions."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import argparse
 from pathlib import Path
 
 from lalora.cli import run
+from lalora.comparison import Predictions, compare, comparison_markdown
 from lalora.config import load_params
-from lalora.io import read_json
+from lalora.io import atomic_write_text, load_predictions, read_json
 from lalora.metrics import check_finite
 from lalora.report import dataset_label, write_all
 
@@ -18,18 +20,28 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="metrics/<model>/ folders")
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True, help="predictions/ folder")
     args = parser.parse_args()
     params = load_params(args.params)
-    results = []
+    results, preds = [], {}
     for model in params.models:
         for dataset in params.datasets:
             for step in params.checkpoints:
+                stage = f"evaluate@{model}-{dataset}-{step}"
                 path = args.results / model / dataset / f"step-{step}.json"
-                result = read_json(path, f"evaluate@{model}-{dataset}-{step}")
+                result = read_json(path, stage)
                 check_finite(result, str(path))
                 results.append({**result, "dataset": dataset})
+                probs, labels, ids = load_predictions(
+                    args.predictions / model / dataset / f"step-{step}.safetensors", stage
+                )
+                preds[(model, dataset, step)] = Predictions(probs, labels, ids)
     labels = {d: dataset_label(d, params.dataset(d)) for d in params.datasets}
     write_all(results, list(params.models), labels, args.metrics, args.plots)
+    cfg = params.evaluate
+    table = compare(preds, cfg.ensemble_last, cfg.ece_bins, cfg.bootstrap)
+    atomic_write_text(args.metrics / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(args.metrics / "comparison.md", comparison_markdown(table, labels))
 
 
 if __name__ == "__main__":

@@ -7,47 +7,68 @@ import math
 from pathlib import Path
 
 from lalora.cli import run
-from lalora.config import Params, load_params
+from lalora.config import ConfigError, Params, load_params
 from lalora.io import atomic_write_json
 from lalora.laplace.marglik import (
-    PriorSearchError,
     edges_of,
     log_marginal_likelihood,
     squared_distances,
     tune_prior,
 )
-from lalora.laplace.posterior import Posterior
+from lalora.laplace.posterior import Posterior, last_layer_modules
 from lalora.metrics import check_finite
 from lalora.models import adapter_lora_weights
 
 
-def tune_on_validation(
-    params: Params, args: argparse.Namespace, post: Posterior
-) -> tuple[Posterior, str | None]:
-    """Validation-NLL tuning: one Jacobian pass over the validation split, then a 1-D search."""
+def validation_features(params: Params, args: argparse.Namespace, post: Posterior):
+    """One Jacobian pass over the validation split (every LoRA module): the features and labels
+    that validation-NLL tuning of any sub-posterior reads; None without a validation split."""
     from lalora.data import read_split
-    from lalora.laplace.predictive import jacobian_features, tune_prior_nll
+    from lalora.laplace.predictive import jacobian_features
     from lalora.pipeline import load_split_run
 
-    if params.prior.structure != "scalar":
-        raise SystemExit("prior.method val_nll supports prior.structure scalar only")
     if not read_split(args.val).examples:
-        raise SystemExit("prior.method val_nll needs a validation split: set data.val_size > 0")
+        return None
     run = load_split_run(params, args.model, args.adapter, args.val, params.evaluate.batch_size)
     feats = jacobian_features(run.model, run.batches, run.logits_fn, run.modules, post)
-    pred = params.predictive
-    return tune_prior_nll(
-        feats,
-        run.labels,
-        post,
-        pred.link,
-        pred.samples,
-        pred.seed,
-        params.prior.log10_min,
-        params.prior.log10_max,
-        params.prior.grid,
-        where=args.where,
-    )
+    return feats, run.labels
+
+
+def tune_on_validation(params: Params, args: argparse.Namespace, post: Posterior, val) -> Posterior:
+    """The scalar prior of ``post`` (any subset of the modules) minimising the validation NLL."""
+    from lalora.laplace.predictive import tune_prior_nll
+
+    feats, labels = val
+    pred, pr = params.predictive, params.prior
+    tuned, _ = tune_prior_nll(
+        feats, labels, post, pred.link, pred.samples, pred.seed,
+        pr.log10_min, pr.log10_max, pr.grid, where=args.where,
+    )  # fmt: skip
+    return tuned
+
+
+def tune_marglik(params: Params, args: argparse.Namespace, post: Posterior) -> Posterior:
+    pr = params.prior
+    return tune_prior(
+        post, pr.structure, pr.log10_min, pr.log10_max, pr.grid, where=args.where,
+        accept_edge=True,
+    )  # fmt: skip
+
+
+def entry(params: Params, tuned: Posterior) -> dict:
+    """What evaluate reads of one tuned posterior."""
+    values = list(tuned.prior_precision.values())
+    edges = edges_of(tuned.prior_precision, params.prior.log10_min, params.prior.log10_max)
+    return {
+        # scalar: the precision; layerwise: the geometric mean over modules
+        "prior_precision": math.exp(sum(math.log(v) for v in values) / len(values)),
+        "prior_precision_by_module": tuned.prior_precision,
+        "at_edge": sorted(set(edges.values())),
+        "modules_at_edge": edges,
+        "log_marginal_likelihood": log_marginal_likelihood(tuned),
+        "theta_sq": tuned.theta_sq,
+        "n_params": tuned.n_params,
+    }
 
 
 def centre_prior(params: Params, args: argparse.Namespace, post: Posterior) -> Posterior:
@@ -77,36 +98,34 @@ def main() -> None:
     params = load_params(args.params)
     pr = params.prior
     post = centre_prior(params, args, Posterior.load(args.kfac))
-    try:
-        if pr.method == "marglik":
-            tuned = tune_prior(
-                post,
-                pr.structure,
-                pr.log10_min,
-                pr.log10_max,
-                pr.grid,
-                where=args.where,
-                accept_edge=True,
-            )
-        else:
-            tuned, _ = tune_on_validation(params, args, post)
-    except PriorSearchError as err:
-        raise SystemExit(str(err)) from None
-    values = list(tuned.prior_precision.values())
-    edges = edges_of(tuned.prior_precision, pr.log10_min, pr.log10_max)
+    if pr.method == "val_nll" and pr.structure != "scalar":
+        raise ConfigError("prior.method val_nll supports prior.structure scalar only")
+    val = validation_features(params, args, post)
+    if pr.method == "val_nll" and val is None:
+        raise ConfigError(
+            "prior.method val_nll needs a validation split: set data.<dataset>.val_size > 0"
+        )
+    last = last_layer_modules(list(post.modules))
+    # LA: marginal-likelihood prior; LA (val): validation-NLL prior; LLLA: the lm_head LoRA
+    # only, with the configured method
+    tuned = {"la": tune_marglik(params, args, post)}
+    if val is not None:
+        tuned["la_val"] = tune_on_validation(params, args, post, val)
+    if last:
+        sub = post.restrict(last)
+        tuned["llla"] = (
+            tune_marglik(params, args, sub)
+            if pr.method == "marglik"
+            else tune_on_validation(params, args, sub, val)
+        )
+    configured = tuned["la" if pr.method == "marglik" else "la_val"]
     result = {
         "method": pr.method,
         "structure": pr.structure,
         "mean": pr.mean,
-        # scalar: the precision; layerwise: the geometric mean over modules
-        "prior_precision": math.exp(sum(math.log(v) for v in values) / len(values)),
-        "prior_precision_by_module": tuned.prior_precision,
-        "at_edge": sorted(set(edges.values())),
-        "modules_at_edge": edges,
-        "log_marginal_likelihood": log_marginal_likelihood(tuned),
-        "theta_sq": tuned.theta_sq,
-        "n_params": tuned.n_params,
-        "n_data": tuned.n_data,
+        **entry(params, configured),
+        "n_data": configured.n_data,
+        "methods": {k: entry(params, v) for k, v in tuned.items()},
     }
     check_finite(result, args.where)
     atomic_write_json(args.out, result)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -83,6 +84,12 @@ def repo(tmp_path_factory):
         params["kfac"].update(batch_size=6)
         params["prior"].update(log10_min=-10.0, log10_max=12.0)
         params["predictive"].update(samples=100)
+        params["evaluate"].update(
+            methods=["la", "la_val", "llla", "temperature", "mc_dropout"],
+            mc_samples=2,
+            ensemble_last=2,
+            bootstrap=50,
+        )
 
     edit_params(repo, tiny)
     for args in (
@@ -132,8 +139,20 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
 
     shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
     data = json.dumps(shown)
-    for key in ('"tiny-a"', '"tiny-b"', '"map"', '"laplace"', '"nll"', '"ece"'):
+    for key in ('"tiny-a"', '"tiny-b"', '"generated"', '"map"', '"laplace"', '"nll"', '"ece"'):
         assert key in data
+    table = pd.read_csv(repo / "metrics" / "comparison.csv")
+    expected = {
+        "MAP", "LA", "LA (val)", "LLLA", "Temperature scaling", "MC dropout",
+        "Checkpoint ensemble",
+    }  # fmt: skip
+    for model in ("tiny-a", "tiny-b"):
+        rows = table[table.model == model]
+        assert set(rows.method) == expected
+        assert set(rows.metric) == {"ACC", "NLL", "ECE", "Brier"}
+        assert ((rows.low <= rows.value + 1e-12) | (rows.metric == "ECE")).all()
+        assert (rows.low <= rows.high).all()
+    assert "| Checkpoint ensemble |" in (repo / "metrics" / "comparison.md").read_text()
 
 
 def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):

@@ -164,14 +164,36 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """MAP and Laplace evaluation."""
+    """MAP and Laplace evaluation, and the comparison's other methods.
+
+    ``methods`` beyond MAP and the configured Laplace posterior: ``la`` (marginal-likelihood
+    prior), ``la_val`` (validation-NLL prior), ``llla`` (the ``lm_head`` LoRA only),
+    ``temperature`` (temperature scaling on the validation split), ``mc_dropout``
+    (``mc_samples`` passes with the LoRA dropout on). ``ensemble_last``: the checkpoint
+    ensemble averages the MAP of the last K checkpoints (all of them when fewer; 0: none). ``bootstrap``: resamples for
+    the 95% intervals of the comparison table."""
 
     batch_size: int = 8
     ece_bins: int = 10
+    methods: tuple[Literal["la", "la_val", "llla", "temperature", "mc_dropout"], ...] = (
+        "la",
+        "la_val",
+        "llla",
+        "temperature",
+    )
+    mc_samples: int = 8
+    ensemble_last: int = 3
+    bootstrap: int = 1000
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.ece_bins <= 0:
             raise ConfigError("evaluate.batch_size and evaluate.ece_bins must be positive")
+        if self.mc_samples < 1 or self.ensemble_last < 0 or self.bootstrap < 10:
+            raise ConfigError(
+                "evaluate: need mc_samples >= 1, ensemble_last >= 0 and bootstrap >= 10"
+            )
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"evaluate.methods repeats a method: {list(self.methods)}")
 
 
 @dataclass(frozen=True)
@@ -260,6 +282,16 @@ class Params:
             self.models
         ):
             raise ConfigError("models and datasets must not repeat a name")
+        needs_val = [m for m in self.evaluate.methods if m in ("la_val", "temperature")]
+        if self.prior.method == "val_nll":
+            needs_val.insert(0, "prior.method val_nll")
+        for name in self.datasets:
+            if needs_val and self.data[name].val_size == 0:
+                raise ConfigError(
+                    f"{', '.join(needs_val)} need(s) a validation split, and data.{name}.val_size "
+                    "is 0: set it > 0, or drop the method from evaluate.methods (and use "
+                    "prior.method marglik)"
+                )
         if list(self.checkpoints) != self.finetune.checkpoints:
             raise ConfigError(
                 f"checkpoints {list(self.checkpoints)} must equal "

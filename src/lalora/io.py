@@ -95,3 +95,45 @@ def check_safetensors(path: str | Path, stage: str) -> list[str]:
             return list(f.keys())
     except Exception as err:  # SafetensorError, OSError
         raise ArtifactError(path, f"unreadable ({type(err).__name__}: {err})", stage) from None
+
+
+def save_predictions(
+    path: str | Path, probs: dict[str, Any], labels: Any, ids: list[str], info: dict
+) -> None:
+    """Per-example predictive probabilities of each method (``probs[method]`` (N, C)), the
+    labels (N,) and example ids, as one safetensors file (ids and ``info`` in its metadata),
+    written atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"probs/{k}": v.double().contiguous() for k, v in probs.items()}
+    tensors["labels"] = torch.as_tensor(labels).long().contiguous()
+    meta = {"ids": json.dumps(ids), "info": json.dumps(info)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_predictions(path: str | Path, stage: str = "evaluate") -> tuple[dict, Any, list[str]]:
+    """``(probs by method, labels, ids)`` from :func:`save_predictions`'s file; a missing or
+    corrupt file raises an ArtifactError naming it and ``stage``."""
+    from safetensors import safe_open
+
+    from lalora.errors import ArtifactError
+
+    check_safetensors(path, stage)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        names = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in names}
+    if "labels" not in tensors or "ids" not in meta:
+        raise ArtifactError(path, "not a predictions file (labels or ids missing)", stage)
+    probs = {k.removeprefix("probs/"): v for k, v in tensors.items() if k.startswith("probs/")}
+    return probs, tensors["labels"], json.loads(meta["ids"])

@@ -72,6 +72,18 @@ class Posterior:
             raise ValueError("prior precision must be positive")
         return replace(self, prior_precision=prior)
 
+    def restrict(self, names: list[str]) -> Posterior:
+        """The posterior of the modules ``names`` only (e.g. the last layer's, for LLLA), with
+        their prior precisions if tuned; the data size and log-likelihood are kept."""
+        missing = set(names) - set(self.modules)
+        if missing:
+            raise ValueError(f"no factors for modules {sorted(missing)[:3]}")
+        return replace(
+            self,
+            modules={n: self.modules[n] for n in names},
+            prior_precision={n: v for n, v in self.prior_precision.items() if n in names},
+        )
+
     def with_theta_sq(self, theta_sq: dict[str, float]) -> Posterior:
         """A copy with ||theta*_m - mu_m||^2 per module for a prior centred at mu (e.g. the
         LoRA initialisation) instead of zero; only log Z depends on it."""
@@ -183,6 +195,11 @@ class Posterior:
         if not all(math.isfinite(v) for v in scalars):
             raise ArtifactError(meta_path, "non-finite values", stage)
         return post
+
+
+def last_layer_modules(names: list[str] | dict) -> list[str]:
+    """The LoRA modules of the output layer (``lm_head``): the last-layer Laplace's weights."""
+    return [n for n in names if ".lm_head." in f".{n}"]
 
 
 def dense_precision(post: Posterior, name: str) -> torch.Tensor:

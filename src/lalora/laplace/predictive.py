@@ -232,21 +232,50 @@ def predict_covariance(
     """MAP logits (N, C) and the contrast covariance (N, K, K) at the posterior's prior,
     batch by batch: unlike :func:`jacobian_features`, nothing of size P per example is kept
     (with dense factors the projections are P numbers per example)."""
-    if not post.prior_precision:
-        raise ValueError("the posterior has no prior precision; tune it first")
-    means, covs, groups = [], [], None
-    jacobians = contrast_jacobians(model, batches, logits_fn, modules, progress, total)
+    mean, covs = predict_covariances(
+        model, batches, logits_fn, modules, {"": post}, progress, total
+    )
+    return mean, covs[""]
+
+
+def predict_covariances(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    posts: dict[str, Posterior],
+    progress: bool = False,
+    total: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """As :func:`predict_covariance` for several posteriors from one Jacobian pass: each over
+    its own modules (a subset of ``modules``, e.g. the last layer's) at its own prior. Returns
+    the MAP logits (N, C) and a contrast covariance (N, K, K) per posterior."""
+    for key, post in posts.items():
+        if not post.prior_precision:
+            raise ValueError(f"the posterior {key!r} has no prior precision; tune it first")
+    needed = {n for post in posts.values() for n in post.modules}
+    mods = {n: m for n, m in modules.items() if n in needed}
+    means: list[Tensor] = []
+    covs: dict[str, list[Tensor]] = {k: [] for k in posts}
+    groups: dict[str, list[_Group]] = {}
+    jacobians = contrast_jacobians(model, batches, logits_fn, mods, progress, total)
     for b, (logits, jac) in enumerate(jacobians):
         means.append(logits)
-        groups = groups or _groups(post, jac)
-        cov = 0
-        for group in groups:
-            perp, proj = _project(group, jac)
-            cov = cov + _covariance(perp, proj, group.ea, group.eg, _lams(post, group.names))
-        if not torch.isfinite(cov).all():
-            raise NonFiniteError(f"non-finite predictive covariance in batch {b}")
-        covs.append((cov + cov.transpose(1, 2)) / 2)
-    return torch.cat(means), torch.cat(covs)
+        projected: dict[tuple, tuple[Tensor, Tensor]] = {}  # posteriors sharing factors share these
+        for key, post in posts.items():
+            if key not in groups:
+                groups[key] = _groups(post, {n: jac[n] for n in post.modules})
+            cov = 0
+            for group in groups[key]:
+                same = tuple(id(post.modules[n]) for n in group.names)
+                if same not in projected:
+                    projected[same] = _project(group, jac)
+                perp, proj = projected[same]
+                cov = cov + _covariance(perp, proj, group.ea, group.eg, _lams(post, group.names))
+            if not torch.isfinite(cov).all():
+                raise NonFiniteError(f"non-finite predictive covariance in batch {b} ({key})")
+            covs[key].append((cov + cov.transpose(1, 2)) / 2)
+    return torch.cat(means), {k: torch.cat(v) for k, v in covs.items()}
 
 
 def predictive_probs(

@@ -1,0 +1,78 @@
+"""The comparison's baselines: temperature scaling, MC dropout, the checkpoint ensemble.
+
+- Temperature scaling (Guo et al. 2017, "On calibration of modern neural networks"): the MAP
+  logits divided by one temperature T fitted by minimising the validation NLL.
+- MC dropout (Gal and Ghahramani 2016): the LoRA dropout kept on at test time, the softmax
+  averaged over ``samples`` seeded forward passes.
+- Checkpoint ensemble: the MAP predictive probabilities of the last K checkpoints averaged
+  (computed from saved predictions, :func:`checkpoint_ensemble`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from lalora.models import Batch
+
+
+def fit_temperature(
+    logits: Tensor, labels: Tensor, log10_min: float = -2.0, log10_max: float = 2.0
+) -> tuple[float, str | None]:
+    """T minimising the NLL of softmax(logits / T) on (validation) ``logits`` (N, C), and
+    ``"low"``/``"high"`` when the optimum is at an edge of [10^log10_min, 10^log10_max]."""
+    from lalora.laplace.marglik import maximise_log10
+
+    logits = logits.double()
+
+    def objective(x: float) -> float:
+        logp = torch.log_softmax(logits / 10.0**x, dim=1)
+        return float(logp.gather(1, labels[:, None]).mean())
+
+    res = maximise_log10(objective, log10_min, log10_max, 81, "temperature", accept_edge=True)
+    return 10.0**res.log10_precision, res.at_edge
+
+
+def _lora_dropouts(model: nn.Module) -> list[nn.Module]:
+    return [m for n, m in model.named_modules() if ".lora_dropout." in f".{n}."]
+
+
+@torch.no_grad()
+def mc_dropout_probs(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    logits_fn: Callable[[nn.Module, Batch], Tensor],
+    samples: int,
+    seed: int = 0,
+) -> Tensor:
+    """Predictive probabilities (N, C): the mean softmax over ``samples`` forward passes with
+    the LoRA dropout on (everything else in eval mode), seeded; the global RNG is restored."""
+    if samples < 1:
+        raise ValueError("MC dropout needs samples >= 1")
+    dropouts = _lora_dropouts(model)
+    if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in dropouts):
+        raise ValueError("MC dropout needs LoRA dropout > 0 (the model card's dropout)")
+    state = torch.get_rng_state()
+    was = [m.training for m in dropouts]
+    torch.manual_seed(seed)
+    try:
+        for m in dropouts:
+            m.train()
+        out = []
+        for b in batches:
+            p = sum(torch.softmax(logits_fn(model, b).double(), -1) for _ in range(samples))
+            out.append(p / samples)
+        return torch.cat(out)
+    finally:
+        for m, w in zip(dropouts, was, strict=True):
+            m.train(w)
+        torch.set_rng_state(state)
+
+
+def checkpoint_ensemble(probs: list[Tensor]) -> Tensor:
+    """The average (N, C) of the predictive probabilities of several checkpoints."""
+    if not probs:
+        raise ValueError("the checkpoint ensemble needs at least one checkpoint")
+    return torch.stack([p.double() for p in probs]).mean(0)
