@@ -7,7 +7,13 @@ import argparse
 from pathlib import Path
 
 from lalora.cli import run
-from lalora.comparison import Predictions, compare, comparison_markdown
+from lalora.comparison import (
+    Predictions,
+    compare,
+    comparison_markdown,
+    shift_markdown,
+    shift_table,
+)
 from lalora.config import load_params
 from lalora.io import atomic_write_text, load_predictions, read_json
 from lalora.metrics import check_finite
@@ -21,6 +27,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True, help="predictions/ folder")
+    parser.add_argument("--shift", type=Path, required=True, help="metrics/shift/ folder")
     args = parser.parse_args()
     params = load_params(args.params)
     results, preds = [], {}
@@ -42,6 +49,15 @@ def main() -> None:
     table = compare(preds, cfg.ensemble_last, cfg.ece_bins, cfg.bootstrap)
     atomic_write_text(args.metrics / "comparison.csv", table.to_csv(index=False))
     atomic_write_text(args.metrics / "comparison.md", comparison_markdown(table, labels))
+    shifted = {}
+    for model in params.models:
+        for dataset in params.datasets:
+            path = args.shift / model / f"{dataset}.json"
+            shifted[(model, dataset)] = read_json(path, f"shift@{model}-{dataset}")
+            check_finite(shifted[(model, dataset)], str(path))
+    st = shift_table(shifted, labels)
+    atomic_write_text(args.metrics / "shift.csv", st.to_csv(index=False))
+    atomic_write_text(args.metrics / "shift.md", shift_markdown(st))
 
 
 if __name__ == "__main__":

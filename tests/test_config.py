@@ -83,8 +83,14 @@ def test_data_paper_is_the_six_datasets_of_the_paper():
     assert params.dataset("obqa").name == "obqa" and params.dataset("winogrande_m").n_train == 2558
     with pytest.raises(ConfigError, match="unknown dataset 'mnist'"):
         params.dataset("mnist")
+    assert params.shifted("obqa") == ["arc_c", "arc_e"] and params.shifted("arc_c") == []
     raw = compose(ROOT / "conf", ["data=paper", "datasets=[arc_e,obqa]"])
-    assert load_section(Params, raw, "").datasets == ("arc_e", "obqa")
+    subset = load_section(Params, raw, "")
+    assert subset.datasets == ("arc_e", "obqa") and subset.shifted("obqa") == ["arc_e"]
     raw["datasets"] = ["arc_e", "nope"]
     with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
+        load_section(Params, raw, "")
+    raw["datasets"] = ["arc_e", "obqa"]
+    raw["shift"] = {"obqa": ["obqa"]}
+    with pytest.raises(ConfigError, match="not shifted from itself"):
         load_section(Params, raw, "")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +56,8 @@ def edit_params(repo: Path, fn) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
+def make_repo(tmp_path_factory, edit) -> tuple[Path, dict]:
+    """A git repository holding the project's tracked files, with params edited by ``edit``."""
     repo = tmp_path_factory.mktemp("study")
     files = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -73,12 +74,6 @@ def repo(tmp_path_factory):
     }
 
     def tiny(params):
-        params["models"] = ["tiny-a", "tiny-b"]
-        params["zoo"] = {
-            "tiny-a": {**TINY, "arch": "llama"},
-            "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
-        }
-        params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
         params["finetune"].update(steps=2, save_every=2, batch_size=4)
         params["checkpoints"] = [0, 2]
         params["kfac"].update(batch_size=6)
@@ -90,6 +85,7 @@ def repo(tmp_path_factory):
             ensemble_last=2,
             bootstrap=50,
         )
+        edit(repo, params)
 
     edit_params(repo, tiny)
     for args in (
@@ -101,6 +97,61 @@ def repo(tmp_path_factory):
     return repo, env
 
 
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    def two_models(_, params):
+        params["models"] = ["tiny-a", "tiny-b"]
+        params["zoo"] = {
+            "tiny-a": {**TINY, "arch": "llama"},
+            "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
+        }
+        params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
+
+    return make_repo(tmp_path_factory, two_models)
+
+
+def four_choice_files(folder: Path, kind: str, seed: int) -> None:
+    """Official-format ARC/OpenBookQA files (train 14, test 6; four choices) of random words."""
+    gen = torch.Generator().manual_seed(seed)
+    words = ["stone", "river", "light", "plant", "metal", "cloud", "seed", "sound", "heat"]
+    for split, n in (("train", 14), ("test", 6)):
+        rows = []
+        for i in range(n):
+            pick = torch.randint(0, len(words), (5,), generator=gen).tolist()
+            choices = [{"text": words[k], "label": "ABCD"[j]} for j, k in enumerate(pick[:4])]
+            question = {"stem": f"Which {words[pick[4]]} is it, {kind} {i}?", "choices": choices}
+            key = "ABCD"[int(torch.randint(0, 4, (1,), generator=gen))]
+            rows.append(
+                json.dumps({"id": f"{kind}-{split}-{i}", "question": question, "answerKey": key})
+            )
+        name = f"ARC-Easy-{split.capitalize()}.jsonl" if kind == "arc" else f"{split}.jsonl"
+        (folder / name).write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory):
+    """A data=paper-shaped study: two four-choice datasets, the first shifted to the second."""
+
+    def paper_like(repo, params):
+        for kind in ("obqa", "arc"):
+            (repo / "tinydata" / kind).mkdir(parents=True)
+            four_choice_files(repo / "tinydata" / kind, kind, seed=len(kind))
+        params["models"] = ["tiny-a"]
+        params["zoo"] = {"tiny-a": {**TINY, "arch": "llama"}}
+        common = dict(
+            source="local", train_split="train", test_split="test", n_train=14, n_test=6,
+            val_size=4, seed=0,
+        )  # fmt: skip
+        params["data"] = {
+            "obqa": {**common, "name": "obqa", "local_dir": "tinydata/obqa"},
+            "arc_e": {**common, "name": "arc_e", "local_dir": "tinydata/arc"},
+        }
+        params["datasets"] = ["obqa", "arc_e"]
+        params["shift"] = {"obqa": ["arc_e"]}
+
+    return make_repo(tmp_path_factory, paper_like)
+
+
 def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     repo, env = repo
     stages_a = {
@@ -109,7 +160,8 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
         for k in (0, 2)
     } | {"finetune@tiny-a-generated"}
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
-    assert repro(repo, env) == {"prepare@generated", "aggregate"} | stages_a | stages_b
+    shifts = {"shift@tiny-a-generated", "shift@tiny-b-generated"}
+    assert repro(repo, env) == {"prepare@generated", "aggregate"} | stages_a | stages_b | shifts
     for f in (
         "metrics/table2.md",
         "metrics/table3.md",
@@ -121,21 +173,27 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     assert repro(repo, env) == set()
 
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.2))
-    assert repro(repo, env) == stages_b | {"aggregate"}
+    assert repro(repo, env) == stages_b | {"aggregate", "shift@tiny-b-generated"}
 
     # a prior change reruns every tune_prior, and nothing upstream of it
     edit_params(repo, lambda p: p["prior"].update(grid=31))
     ran = repro(repo, env)
     every = stages_a | stages_b
     assert {s for s in every if s.startswith("tune_prior")} <= ran
-    assert ran <= {s for s in every if s.startswith(("tune_prior", "evaluate"))} | {"aggregate"}
+    assert (
+        ran
+        <= {s for s in every if s.startswith(("tune_prior", "evaluate"))} | {"aggregate"} | shifts
+    )
 
     edit_params(repo, lambda p: p["kfac"].update(rank=5))
     ran = repro(repo, env)
     assert {s for s in every if s.startswith("fit_kfac")} <= ran
-    assert ran <= {s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))} | {
-        "aggregate"
-    }
+    assert (
+        ran
+        <= {s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))}
+        | {"aggregate"}
+        | shifts
+    )
 
     shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
     data = json.dumps(shown)
@@ -173,3 +231,27 @@ def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
     sh([sys.executable, "-m", "bench.priors", "--model", "tiny-a", "--out", "priors.md"], repo, env)
     rows = [r for r in (repo / "priors.md").read_text().splitlines() if r.startswith("| 2 |")]
     assert len(rows) == 6 and not any("nan" in r for r in rows)
+
+
+def test_four_choice_datasets_with_shift_run_every_method(shifted):
+    """Two four-choice datasets (C - 1 = 3 backward passes), every method, and the shift of the
+    first dataset's final checkpoint to the second's test set."""
+    repo, env = shifted
+    ran = repro(repo, env)
+    assert {"prepare@obqa", "prepare@arc_e", "shift@tiny-a-obqa", "shift@tiny-a-arc_e"} <= ran
+    t2 = pd.read_csv(repo / "metrics" / "table2.csv")
+    assert list(t2.columns) == ["LLM", "Metric", "OBQA", "ARC-E"]
+    split = (repo / "data" / "obqa" / "test.jsonl").read_text().splitlines()
+    assert json.loads(split[0]) == {"answers": [" A", " B", " C", " D"]}
+    shift = json.loads((repo / "metrics" / "shift" / "tiny-a" / "obqa.json").read_text())
+    assert set(shift) == {"arc_e"} and shift["arc_e"]["step"] == 2
+    assert {"map", "laplace", "la", "la_val", "llla", "temperature", "mc_dropout"} <= set(
+        shift["arc_e"]
+    )
+    assert json.loads((repo / "metrics" / "shift" / "tiny-a" / "arc_e.json").read_text()) == {}
+    table = pd.read_csv(repo / "metrics" / "shift.csv")
+    assert set(zip(table.train, table.test, strict=True)) == {("OBQA", "ARC-E")}
+    assert len(table) == 6  # MAP, LA, LA (val), LLLA, temperature, MC dropout
+    comparison = pd.read_csv(repo / "metrics" / "comparison.csv")
+    assert set(comparison.dataset) == {"obqa", "arc_e"}
+    assert repro(repo, env) == set()

@@ -183,7 +183,7 @@ def test_aggregate_refuses_a_nan_result_naming_the_file(tmp_path):
         path.write_text(json.dumps({**result, "step": step}))
     res = stage(
         "aggregate", "--params", str(params), "--results", "res", "--metrics", "m", "--plots", "p",
-        "--predictions", "pred", cwd=tmp_path,
+        "--predictions", "pred", "--shift", "sh", cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert "res/tiny/generated/step-0.json: map.nll is nan" in res.stderr

@@ -103,3 +103,40 @@ def comparison_markdown(df: pd.DataFrame, labels: dict[str, str]) -> str:
 
 def _ci(row) -> str:
     return f"{row.value:.3f} [{row.low:.3f}, {row.high:.3f}]"
+
+
+def shift_table(results: dict[tuple[str, str], dict], labels: dict[str, str]) -> pd.DataFrame:
+    """Long table of the shift stage's results ``{(model, trained on): {test set: {method:
+    scores}}}``: model, train, test, method, ACC, NLL, ECE, Brier."""
+    rows = []
+    for (model, source), targets in results.items():
+        for target, scores in targets.items():
+            for method, name in METHOD_NAMES.items():
+                if method in scores:
+                    s = scores[method]
+                    rows.append(
+                        {
+                            "model": model,
+                            "train": labels.get(source, source),
+                            "test": labels.get(target, target),
+                            "method": name,
+                            **{m.upper() if m != "brier" else "Brier": s[m] for m in METRICS},
+                        }
+                    )
+    return pd.DataFrame(
+        rows, columns=["model", "train", "test", "method", "ACC", "NLL", "ECE", "Brier"]
+    )
+
+
+def shift_markdown(df: pd.DataFrame) -> str:
+    """One table per (model, train -> test) with a row per method."""
+    if df.empty:
+        return "No distribution shift configured (`shift` in params.yaml).\n"
+    out = []
+    for (model, train, test), g in df.groupby(["model", "train", "test"], sort=False):
+        out += [f"### {model}: fine-tuned on {train}, tested on {test}", ""]
+        out += ["| method | ACC | NLL | ECE | Brier |", "|---|---|---|---|---|"]
+        for r in g.itertuples():
+            out.append(f"| {r.method} | {r.ACC:.3f} | {r.NLL:.3f} | {r.ECE:.3f} | {r.Brier:.3f} |")
+        out.append("")
+    return "\n".join(out)

@@ -170,8 +170,8 @@ class EvaluateConfig:
     prior), ``la_val`` (validation-NLL prior), ``llla`` (the ``lm_head`` LoRA only),
     ``temperature`` (temperature scaling on the validation split), ``mc_dropout``
     (``mc_samples`` passes with the LoRA dropout on). ``ensemble_last``: the checkpoint
-    ensemble averages the MAP of the last K checkpoints (all of them when fewer; 0: none). ``bootstrap``: resamples for
-    the 95% intervals of the comparison table."""
+    ensemble averages the MAP of the last K checkpoints (all of them when fewer; 0: none).
+    ``bootstrap``: resamples for the 95% intervals of the comparison table."""
 
     batch_size: int = 8
     ece_bins: int = 10
@@ -260,6 +260,10 @@ class Params:
     kfac: KfacConfig = field(default_factory=KfacConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
+    # distribution shift: the test sets each training dataset's final checkpoint is also
+    # scored on, e.g. {obqa: [arc_c, arc_e]} (the paper's); only pairs within ``datasets`` run
+    # (the others are not prepared)
+    shift: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -282,6 +286,12 @@ class Params:
             self.models
         ):
             raise ConfigError("models and datasets must not repeat a name")
+        for source, targets in self.shift.items():
+            for name in (source, *targets):
+                if name not in self.data:
+                    raise ConfigError(f"shift.{source}: unknown dataset {name!r}")
+            if source in targets:
+                raise ConfigError(f"shift.{source}: a dataset is not shifted from itself")
         needs_val = [m for m in self.evaluate.methods if m in ("la_val", "temperature")]
         if self.prior.method == "val_nll":
             needs_val.insert(0, "prior.method val_nll")
@@ -303,6 +313,10 @@ class Params:
         if model not in self.zoo:
             raise ConfigError(f"unknown model {model!r}; the zoo has {sorted(self.zoo)}")
         return self.zoo[model]
+
+    def shifted(self, source: str) -> list[str]:
+        """The test sets the final checkpoint fine-tuned on ``source`` is also scored on."""
+        return [t for t in self.shift.get(source, ()) if t in self.datasets]
 
     def dataset(self, name: str) -> DataConfig:
         """The data section of dataset ``name``, with a clear error for an unknown name."""

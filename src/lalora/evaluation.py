@@ -1,0 +1,112 @@
+"""Evaluate one checkpoint on one test split with every method of the comparison.
+
+One forward and C - 1 backward passes per batch give the MAP logits and the Jacobians from which
+the linearised predictive of every Laplace posterior is computed (the configured one, LA with the
+marginal-likelihood prior, LA with the validation-NLL prior, LLLA on the ``lm_head`` LoRA);
+temperature scaling reads the validation split's MAP logits; MC dropout runs its own passes.
+Used by the ``evaluate`` stage (the dataset's own test split) and the ``shift`` stage (other
+datasets' test splits).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lalora.baselines import fit_temperature, mc_dropout_probs
+from lalora.config import Params
+from lalora.data import read_split
+from lalora.errors import ArtifactError
+from lalora.io import read_json
+from lalora.laplace.posterior import Posterior
+from lalora.laplace.predictive import predict_covariances, predictive_probs
+from lalora.metrics import score
+from lalora.pipeline import load_split_run
+
+LAPLACE_METHODS = ("la", "la_val", "llla")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Predictive probabilities (N, C) per method, labels (N,), example ids, the tuned prior
+    file's content, fitted quantities (``info``: the temperature) and the configured Laplace
+    posterior's contrast covariance (N, K, K)."""
+
+    probs: dict[str, Tensor]
+    labels: Tensor
+    ids: list[str]
+    prior: dict
+    info: dict
+    cov: Tensor
+
+    def scores(self, n_bins: int) -> dict[str, dict]:
+        return {m: score(p, self.labels, n_bins).to_dict() for m, p in self.probs.items()}
+
+
+def posteriors(kfac: Path, prior_path: Path, prior: dict, methods: tuple[str, ...]) -> dict:
+    """The tuned posteriors to evaluate: ``laplace`` (the configured prior) and each Laplace
+    method of ``methods`` that tune_prior computed (LLLA restricted to the lm_head LoRA)."""
+    base = Posterior.load(kfac)
+    tuned = prior.get("methods", {})
+    wanted = {"laplace": prior} | {m: tuned.get(m) for m in methods if m in LAPLACE_METHODS}
+    out = {}
+    for key, entry in wanted.items():
+        if entry is None:
+            if key == "llla":
+                print("llla: the model has no lm_head LoRA; skipped", file=sys.stderr)
+                continue
+            raise ArtifactError(prior_path, f"no tuned prior for {key}", "tune_prior")
+        try:
+            by_module = entry["prior_precision_by_module"]
+            post = base.restrict(list(by_module)).with_prior(by_module)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(
+                prior_path, f"malformed ({type(err).__name__}: {err})", "tune_prior"
+            ) from None
+        if not all(math.isfinite(v) for v in post.prior_precision.values()):
+            raise ArtifactError(prior_path, f"non-finite prior precision ({key})", "tune_prior")
+        out[key] = post
+    return out
+
+
+def evaluate_split(
+    params: Params,
+    model_name: str,
+    adapter: Path,
+    kfac: Path,
+    prior_path: Path,
+    test: Path,
+    val: Path,
+) -> Evaluation:
+    """Every method of ``params.evaluate.methods`` (and MAP, and the configured Laplace
+    posterior) on the prepared split ``test``; ``val`` is the training dataset's validation
+    split (temperature scaling)."""
+    cfg, pred = params.evaluate, params.predictive
+    prior = read_json(prior_path, "tune_prior")
+    posts = posteriors(kfac, prior_path, prior, cfg.methods)
+    run = load_split_run(params, model_name, adapter, test, cfg.batch_size)
+    mean, covs = predict_covariances(
+        run.model, run.batches, run.logits_fn, run.modules, posts, progress=True
+    )
+    probs = {"map": torch.softmax(mean, -1)}
+    for key, cov in covs.items():
+        probs[key] = predictive_probs(mean, cov, pred.link, pred.samples, pred.seed)
+    info: dict = {}
+    if "temperature" in cfg.methods:
+        v = load_split_run(params, model_name, adapter, val, cfg.batch_size)
+        with torch.no_grad():
+            val_logits = torch.cat([v.logits_fn(v.model, b) for b in v.batches])
+        t, edge = fit_temperature(val_logits, v.labels)
+        probs["temperature"] = torch.softmax(mean / t, -1)
+        info["temperature"] = {"T": t, "at_edge": edge}
+    if "mc_dropout" in cfg.methods:
+        probs["mc_dropout"] = mc_dropout_probs(
+            run.model, run.batches, run.logits_fn, cfg.mc_samples, pred.seed
+        )
+    ids = [e.id for e in read_split(test).examples]
+    return Evaluation(probs, run.labels, ids, prior, info, covs["laplace"])

@@ -1,0 +1,64 @@
+"""Stage shift@<model>-<dataset>: the final checkpoint fine-tuned on <dataset> scored on the test
+splits of the datasets that ``shift.<dataset>`` lists (distribution shift, e.g. OpenBookQA ->
+ARC-C and ARC-E), with every method of the comparison. Writes ``{target: metrics}`` (empty when
+nothing is listed) and each target's per-example predictions."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.cli import run
+from lalora.config import ConfigError, load_params
+from lalora.data import answers_of
+from lalora.evaluation import evaluate_split
+from lalora.io import atomic_write_json, save_predictions
+from lalora.metrics import check_finite
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True, help="the dataset fine-tuned on")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"))
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True, help="a folder")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    step = params.checkpoints[-1]
+    root = args.models_dir / args.model / args.dataset
+    answers = answers_of(params.dataset(args.dataset).name)
+    result = {}
+    for target in params.shifted(args.dataset):
+        if answers_of(params.dataset(target).name) != answers:
+            raise ConfigError(
+                f"shift.{args.dataset}: {target} answers {answers_of(params.dataset(target).name)}"
+                f", {args.dataset} answers {answers}: a shifted test set needs the same answers"
+            )
+        ev = evaluate_split(
+            params,
+            args.model,
+            root / "adapters" / f"step-{step}",
+            root / "kfac" / f"step-{step}",
+            root / "prior" / f"step-{step}.json",
+            args.data_dir / target / "test.jsonl",
+            args.data_dir / args.dataset / "val.jsonl",
+        )
+        result[target] = {"step": step, **ev.scores(params.evaluate.ece_bins), "info": ev.info}
+        check_finite(result[target], f"shift {args.model} {args.dataset} -> {target}")
+        save_predictions(
+            args.predictions / f"{target}.safetensors", ev.probs, ev.labels, ev.ids, ev.info
+        )
+        print(
+            f"{args.model} {args.dataset} -> {target}: "
+            + ", ".join(f"{m} nll={result[target][m]['nll']:.3f}" for m in ev.probs)
+        )
+    atomic_write_json(args.predictions / "targets.json", sorted(result))
+    atomic_write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    run(main)
