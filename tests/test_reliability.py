@@ -66,6 +66,12 @@ def stage(name: str, *args: str, cwd: Path, debug: bool = False) -> subprocess.C
     return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True)
 
 
+def prepare(params: Path, cwd: Path, debug: bool = False) -> subprocess.CompletedProcess:
+    """The prepare stage of the generated dataset into ``cwd/data``."""
+    args = ("--params", str(params), "--dataset", "generated", "--out", "data")
+    return stage("prepare", *args, cwd=cwd, debug=debug)
+
+
 def tiny_params(folder: Path, **edits) -> Path:
     """A params.yaml: the composed defaults with one tiny model and a short schedule."""
     raw = compose(ROOT / "conf")
@@ -400,26 +406,14 @@ def test_a_non_utf8_byte_names_file_and_line(tmp_path):
 
 def test_stage_errors_are_one_paragraph_and_debug_shows_the_traceback(tmp_path):
     params = tiny_params(tmp_path, **{"finetune.lr": -1.0})
-    res = stage(
-        "prepare", "--params", str(params), "--dataset", "generated", "--out", "data", cwd=tmp_path
-    )
+    res = prepare(params, tmp_path)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert res.stderr.startswith("prepare: error: ") and "lr and max_length must be positive" in (
         res.stderr
     )
     assert len(res.stderr.strip().splitlines()) <= 4
-    res = stage(
-        "prepare",
-        "--params",
-        str(params),
-        "--dataset",
-        "generated",
-        "--out",
-        "data",
-        cwd=tmp_path,
-        debug=True,
-    )
+    res = prepare(params, tmp_path, debug=True)
     assert res.returncode != 0 and "Traceback" in res.stderr and "ConfigError" in res.stderr
 
 
@@ -481,19 +475,7 @@ def killed_stage(name: str, module: str, nth: int, *args: str, cwd: Path):
 
 def test_sigkill_during_a_checkpoint_save_and_fit_kfac_then_rerun(tmp_path):
     params = tiny_params(tmp_path)
-    assert (
-        stage(
-            "prepare",
-            "--params",
-            str(params),
-            "--dataset",
-            "generated",
-            "--out",
-            "data",
-            cwd=tmp_path,
-        ).returncode
-        == 0
-    )
+    assert prepare(params, tmp_path).returncode == 0
     ft = ["--params", str(params), "--model", "tiny", "--data", "data/train.jsonl"]
 
     res = stage("finetune", *ft, "--out", "full", "--loss-csv", "full.csv", cwd=tmp_path)
