@@ -45,8 +45,18 @@ def main() -> None:
                 preds[(model, dataset, step)] = Predictions(probs, labels, ids)
     labels = {d: dataset_label(d, params.dataset(d)) for d in params.datasets}
     write_all(results, list(params.models), labels, args.metrics, args.plots)
+    members = {}
+    for model in params.models:
+        for dataset in params.datasets:
+            stage = f"members@{model}-{dataset}"
+            folder = args.predictions / "members" / model / dataset
+            seeds = read_json(folder / "members.json", stage)["seeds"]
+            members[(model, dataset)] = [
+                Predictions(*load_predictions(folder / f"seed-{s}.safetensors", stage))
+                for s in seeds
+            ]
     cfg = params.evaluate
-    table = compare(preds, cfg.ensemble_last, cfg.ece_bins, cfg.bootstrap)
+    table = compare(preds, cfg.ensemble_last, cfg.ece_bins, cfg.bootstrap, members=members)
     atomic_write_text(args.metrics / "comparison.csv", table.to_csv(index=False))
     atomic_write_text(args.metrics / "comparison.md", comparison_markdown(table, labels))
     shifted = {}

@@ -11,6 +11,7 @@ import torch
 
 from lalora.cli import run
 from lalora.config import load_params
+from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
 from lalora.metrics import check_finite
@@ -32,9 +33,12 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    dist = init()
     ev = evaluate_split(
-        params, args.model, args.adapter, args.kfac, args.prior, args.data, args.val
+        params, args.model, args.adapter, args.kfac, args.prior, args.data, args.val, dist=dist
     )
+    if not dist.main:
+        return finish(dist)
     prior = ev.prior
     result = {"model": args.model, "dataset": args.dataset, "step": args.step}
     result |= ev.scores(params.evaluate.ece_bins)
@@ -54,6 +58,7 @@ def main() -> None:
             for m in ev.probs
         )
     )
+    finish(dist)
 
 
 if __name__ == "__main__":

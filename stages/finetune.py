@@ -8,6 +8,7 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.data import DataError, read_split
+from lalora.distributed import finish, init
 from lalora.finetune import train
 from lalora.io import atomic_write_text
 from lalora.models import answer_token_ids, attach_lora, load_card_model
@@ -24,6 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    dist = init()
     card = params.card(args.model)
     split = read_split(args.data)
     if not split.examples:
@@ -39,9 +41,12 @@ def main() -> None:
         params.finetune,
         args.out,
         run_id,
+        dist=dist,
     )
-    rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in result.losses]
-    atomic_write_text(args.loss_csv, "\n".join(rows) + "\n")
+    if dist.main:
+        rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in result.losses]
+        atomic_write_text(args.loss_csv, "\n".join(rows) + "\n")
+    finish(dist)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lalora.cli import run
 from lalora.config import load_params
+from lalora.distributed import finish, init
 from lalora.errors import NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
 from lalora.laplace.kfac import fit_kfac
@@ -23,6 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    dist = init()
     cfg = params.kfac
     run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
     try:
@@ -36,14 +38,17 @@ def main() -> None:
             max_dense=cfg.max_dense,
             update=cfg.update,
             seed=cfg.seed,
-            progress=True,
+            progress=dist.main,
+            dist=dist,
         )
     except NonFiniteError as err:
         raise NonFiniteError(f"{args.model} ({args.adapter}): {err}") from None
-    clean_staging(args.out.parent, args.out.name)
-    tmp = staging_dir(args.out)
-    post.save(tmp)
-    publish_dir(tmp, args.out)
+    if dist.main:
+        clean_staging(args.out.parent, args.out.name)
+        tmp = staging_dir(args.out)
+        post.save(tmp)
+        publish_dir(tmp, args.out)
+    finish(dist)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import ConfigError, load_params
 from lalora.data import answers_of
+from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
 from lalora.metrics import check_finite
@@ -28,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    dist = init()
     step = params.checkpoints[-1]
     root = args.models_dir / args.model / args.dataset
     answers = answers_of(params.dataset(args.dataset).name)
@@ -46,7 +48,10 @@ def main() -> None:
             root / "prior" / f"step-{step}.json",
             args.data_dir / target / "test.jsonl",
             args.data_dir / args.dataset / "val.jsonl",
+            dist=dist,
         )
+        if not dist.main:
+            continue
         result[target] = {"step": step, **ev.scores(params.evaluate.ece_bins), "info": ev.info}
         check_finite(result[target], f"shift {args.model} {args.dataset} -> {target}")
         save_predictions(
@@ -56,8 +61,10 @@ def main() -> None:
             f"{args.model} {args.dataset} -> {target}: "
             + ", ".join(f"{m} nll={result[target][m]['nll']:.3f}" for m in ev.probs)
         )
-    atomic_write_json(args.predictions / "targets.json", sorted(result))
-    atomic_write_json(args.out, result)
+    if dist.main:
+        atomic_write_json(args.predictions / "targets.json", sorted(result))
+        atomic_write_json(args.out, result)
+    finish(dist)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lalora.cli import run
 from lalora.config import ConfigError, Params, load_params
+from lalora.distributed import current, finish, init
 from lalora.io import atomic_write_json
 from lalora.laplace.marglik import (
     edges_of,
@@ -30,7 +31,9 @@ def validation_features(params: Params, args: argparse.Namespace, post: Posterio
     if not read_split(args.val).examples:
         return None
     run = load_split_run(params, args.model, args.adapter, args.val, params.evaluate.batch_size)
-    feats = jacobian_features(run.model, run.batches, run.logits_fn, run.modules, post)
+    feats = jacobian_features(
+        run.model, run.batches, run.logits_fn, run.modules, post, dist=current()
+    )
     return feats, run.labels
 
 
@@ -96,11 +99,14 @@ def main() -> None:
     args.where = f"tune_prior {args.model} ({args.kfac})"
 
     params = load_params(args.params)
+    dist = init()
     pr = params.prior
     post = centre_prior(params, args, Posterior.load(args.kfac))
     if pr.method == "val_nll" and pr.structure != "scalar":
         raise ConfigError("prior.method val_nll supports prior.structure scalar only")
-    val = validation_features(params, args, post)
+    val = validation_features(params, args, post)  # split over the processes
+    if not dist.main:
+        return finish(dist)
     if pr.method == "val_nll" and val is None:
         raise ConfigError(
             "prior.method val_nll needs a validation split: set data.<dataset>.val_size > 0"
@@ -129,6 +135,7 @@ def main() -> None:
     }
     check_finite(result, args.where)
     atomic_write_json(args.out, result)
+    finish(dist)
 
 
 if __name__ == "__main__":

@@ -72,3 +72,25 @@ def test_compare_scores_every_method_and_the_checkpoint_ensemble(tmp_path):
     preds[("m", "d", 10)] = Predictions(preds[("m", "d", 10)].probs, labels, ids[::-1])
     with pytest.raises(ValueError, match="score different examples"):
         compare(preds, ensemble_last=2)
+
+
+def test_deep_ensemble_averages_the_final_map_with_the_extra_runs():
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    ids = [f"q{i}" for i in range(40)]
+
+    def run() -> Predictions:
+        probs = torch.softmax(3 * torch.randn(40, 4, generator=gen, dtype=torch.float64), 1)
+        return Predictions({"map": probs}, labels, ids)
+
+    preds = {("m", "d", 0): run(), ("m", "d", 5): run()}
+    extra = [run(), run()]
+    table = compare(preds, ensemble_last=0, resamples=50, members={("m", "d"): extra})
+    assert set(table.method) == {"MAP", "Deep ensemble"}
+    mean = (preds[("m", "d", 5)].probs["map"] + extra[0].probs["map"] + extra[1].probs["map"]) / 3
+    row = table[(table.method == "Deep ensemble") & (table.metric == "NLL")]
+    assert row.value.item() == pytest.approx(score(mean, labels).nll, rel=1e-12)
+    assert set(compare(preds, 0, resamples=50, members={("m", "d"): []}).method) == {"MAP"}
+    shuffled = Predictions(extra[0].probs, labels, ids[::-1])
+    with pytest.raises(ValueError, match="deep ensemble: the members score different"):
+        compare(preds, 0, members={("m", "d"): [shuffled]})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,33 @@ def test_data_paper_is_the_six_datasets_of_the_paper():
     raw["shift"] = {"obqa": ["obqa"]}
     with pytest.raises(ConfigError, match="not shifted from itself"):
         load_section(Params, raw, "")
+
+
+def test_ensemble_members_give_the_extra_seeds_and_reserved_model_names_are_refused():
+    from lalora.config import EnsembleConfig
+
+    assert EnsembleConfig(members=1).seeds(FinetuneConfig(seed=3)) == []
+    assert EnsembleConfig(members=3).seeds(FinetuneConfig(seed=3)) == [4, 5]
+    with pytest.raises(ConfigError, match=r"ensemble\.members must be >= 1, got 0"):
+        EnsembleConfig(members=0)
+    raw = compose(ROOT / "conf")
+    raw["zoo"]["members"] = raw["zoo"]["smollm2-135m"]
+    raw["models"] = ["members"]
+    with pytest.raises(ConfigError, match="'members' is reserved"):
+        load_section(Params, raw, "")
+
+
+def test_forge_workflow_tests_runs_a_tiny_study_and_diffs_metrics_and_plots():
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "study.yml").read_text())
+    steps = flow["jobs"]["study"]["steps"]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert "make setup" in runs and "make test" in runs
+    tiny = next(s["run"] for s in steps if "dvc exp run" in s.get("run", ""))
+    overrides = dict(re.findall(r"-S '?([\w.]+)=([^'\s]+)", tiny))
+    raw = compose(ROOT / "conf", [f"{k}={v}" for k, v in overrides.items()])
+    params = load_section(Params, raw, "")  # the tiny configuration is a valid one
+    assert params.finetune.steps <= 50 and params.data["generated"].n_train <= 100
+    summary = next(s["run"] for s in steps if "GITHUB_STEP_SUMMARY" in s.get("run", ""))
+    assert re.search(r"dvc metrics diff \S+ --md", summary)
+    assert "dvc plots diff" in summary
+    assert any(s.get("with", {}).get("fetch-depth") == 0 for s in steps)

@@ -74,3 +74,40 @@ def test_real_smollm2_loads_offline_with_single_answer_tokens(monkeypatch):
     batch = encode(tok, ["Is the sky blue? Choices: A. yes. B. no. Answer:"], [0], 512)
     logits = answer_logits(model, batch, ids)
     assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_nf4_cards_build_their_quantisation_config(monkeypatch):
+    from lalora.models import quantization_kwargs
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("llama2-7b", "llama3-8b", "phi2", "phi3-mini"):
+        kwargs = quantization_kwargs(PARAMS.zoo[name])
+        q = kwargs["quantization_config"]
+        assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+        assert q.bnb_4bit_compute_dtype == torch.bfloat16
+        assert kwargs["device_map"] == {"": 3}  # this process's GPU under torchrun
+    assert quantization_kwargs(PARAMS.zoo["smollm2-135m"]) == {}
+
+
+def test_concurrent_first_use_of_the_gguf_cache_writes_it_once(tmp_path):
+    """Two processes (two ranks, or two queued experiments) that need the dequantised GGUF at
+    the same time: one writes it under the lock, both get the same complete folder."""
+    import os
+    import subprocess
+    import sys
+
+    card = PARAMS.zoo["smollm2-135m"]
+    code = (
+        "from lalora.models import dequantised_gguf; "
+        f"print(dequantised_gguf({card.package!r}, {card.gguf_file!r}))"
+    )
+    env = {**os.environ, "LALORA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1] and (Path(outs[0]) / "config.json").exists()
+    folders = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert folders == [Path(outs[0]).name]  # no second copy, no staging folder left

@@ -20,6 +20,9 @@ import pytest
 import torch
 import yaml
 
+from lalora.io import load_predictions
+from lalora.metrics import score
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -148,6 +151,7 @@ def shifted(tmp_path_factory):
         }
         params["datasets"] = ["obqa", "arc_e"]
         params["shift"] = {"obqa": ["arc_e"]}
+        params["ensemble"] = {"members": 2}
 
     return make_repo(tmp_path_factory, paper_like)
 
@@ -158,7 +162,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
         f"{s}@tiny-a-generated-{k}"
         for s in ("export", "fit_kfac", "tune_prior", "evaluate")
         for k in (0, 2)
-    } | {"finetune@tiny-a-generated"}
+    } | {"finetune@tiny-a-generated", "members@tiny-a-generated"}
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
     shifts = {"shift@tiny-a-generated", "shift@tiny-b-generated"}
     assert repro(repo, env) == {"prepare@generated", "aggregate"} | stages_a | stages_b | shifts
@@ -213,6 +217,31 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     assert "| Checkpoint ensemble |" in (repo / "metrics" / "comparison.md").read_text()
 
 
+def test_two_processes_rerun_nothing_and_reproduce_the_metrics(repo):
+    """``launch.nproc_per_node`` is no stage's dependency; forced, the tiny-a branch rerun
+    under torchrun with 2 processes gives the 1-process metrics."""
+    repo, env = repo
+    repro(repo, env)
+    path = repo / "metrics" / "checkpoints" / "tiny-a" / "generated" / "step-2.json"
+    before = json.loads(path.read_text())
+    edit_params(repo, lambda p: p["launch"].update(nproc_per_node=2))
+    assert repro(repo, env) == set()
+    args = [sys.executable, "-m", "dvc", "repro", "-f", "--downstream", "finetune@tiny-a-generated"]
+    out = sh(args, repo, env)
+    assert "launch: 2 processes (torchrun) for stages/evaluate.py" in out
+    assert {"finetune@tiny-a-generated", "evaluate@tiny-a-generated-2"} <= set(
+        re.findall(r"Running stage '([^']+)'", out)
+    )
+    after = json.loads(path.read_text())
+    assert after["prior_precision"] == pytest.approx(before["prior_precision"], rel=1e-9)
+    for method in before["methods"]:
+        for metric in ("acc", "nll", "ece", "brier"):
+            assert after[method][metric] == pytest.approx(
+                before[method][metric], rel=1e-4, abs=1e-6
+            ), (method, metric)
+    edit_params(repo, lambda p: p["launch"].update(nproc_per_node=1))
+
+
 def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
     """bench.exact_laplace and bench.priors read a finished run's artifacts; the exact full-GGN
     row is its own reference (ratio 1) and every prior row has finite metrics."""
@@ -254,4 +283,53 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     assert len(table) == 6  # MAP, LA, LA (val), LLLA, temperature, MC dropout
     comparison = pd.read_csv(repo / "metrics" / "comparison.csv")
     assert set(comparison.dataset) == {"obqa", "arc_e"}
+    assert "Deep ensemble" in set(comparison.method)
+    # the deep ensemble averages the final MAP and the seed-1 run, which differs from it
+    final, _, ids = load_predictions(repo / "predictions/tiny-a/obqa/step-2.safetensors")
+    extra, labels, extra_ids = load_predictions(
+        repo / "predictions" / "members" / "tiny-a" / "obqa" / "seed-1.safetensors"
+    )
+    assert extra_ids == ids and not torch.allclose(extra["map"], final["map"])
+    row = comparison[
+        (comparison.dataset == "obqa")
+        & (comparison.method == "Deep ensemble")
+        & (comparison.metric == "NLL")
+    ]
+    mean = (final["map"] + extra["map"]) / 2
+    assert row.value.item() == pytest.approx(score(mean, labels).nll, rel=1e-9)
+    assert (repo / "models" / "tiny-a" / "obqa" / "members" / "seed-1" / "step-2").is_dir()
     assert repro(repo, env) == set()
+
+
+def test_queued_experiments_run_two_at_once_and_both_land(repo):
+    """``dvc exp run --queue`` twice and ``dvc queue start --jobs 2``: both experiments run at
+    the same time (each in its own workspace) and ``dvc exp show`` lists both with metrics."""
+    import time
+
+    repo, env = repo
+    repro(repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    # -S edits params.yaml itself here (this tiny params.yaml is not the composition of conf/)
+    sh([*dvc, "config", "hydra.enabled", "false"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], repo, env)
+    for grid in (21, 31):
+        sh([*dvc, "exp", "run", "--queue", "-n", f"grid-{grid}", "-S", f"prior.grid={grid}"],
+           repo, env)  # fmt: skip
+    sh([*dvc, "queue", "start", "--jobs", "2"], repo, env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = sh([*dvc, "queue", "status"], repo, env)
+        if "Failed" in status:
+            logs = sh([*dvc, "queue", "logs", "grid-21"], repo, env)
+            raise AssertionError(f"{status}\n{logs[-3000:]}")
+        if status.count("Success") == 2:
+            break
+        time.sleep(5)
+    else:
+        raise AssertionError(f"queue did not finish:\n{status}")
+    shown = json.loads(sh([*dvc, "exp", "show", "--json"], repo, env))
+    text = json.dumps(shown)
+    assert '"grid-21"' in text and '"grid-31"' in text
+    md = sh([*dvc, "exp", "show", "--md", "--keep", "prior.grid"], repo, env)
+    assert "grid-21" in md and "grid-31" in md

@@ -1,4 +1,4 @@
-"""The comparison's baselines: temperature scaling, MC dropout, the checkpoint ensemble.
+"""The comparison's baselines: temperature scaling, MC dropout, the checkpoint and deep ensembles.
 
 - Temperature scaling (Guo et al. 2017, "On calibration of modern neural networks"): the MAP
   logits divided by one temperature T fitted by minimising the validation NLL.
@@ -6,6 +6,9 @@
   averaged over ``samples`` seeded forward passes.
 - Checkpoint ensemble: the MAP predictive probabilities of the last K checkpoints averaged
   (computed from saved predictions, :func:`checkpoint_ensemble`).
+- Deep ensemble (Lakshminarayanan et al. 2017): the final MAP predictive probabilities of M
+  fine-tuning runs with different seeds averaged (:mod:`lalora.members` trains the extra ones;
+  the same average, :func:`checkpoint_ensemble`, over runs instead of checkpoints).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from lalora.distributed import SINGLE, Dist, bounds, cat_or_none, gather_cat, shard
 from lalora.models import Batch
 
 
@@ -46,9 +50,17 @@ def mc_dropout_probs(
     logits_fn: Callable[[nn.Module, Batch], Tensor],
     samples: int,
     seed: int = 0,
+    dist: Dist | None = None,
 ) -> Tensor:
     """Predictive probabilities (N, C): the mean softmax over ``samples`` forward passes with
-    the LoRA dropout on (everything else in eval mode), seeded; the global RNG is restored."""
+    the LoRA dropout on (everything else in eval mode), seeded per batch by ``seed`` and the
+    batch's index (so a split over processes, ``dist``, draws the same masks); the global RNG
+    is restored."""
+    d = dist or SINGLE
+    batches = list(batches)
+    first = bounds(len(batches), d)[0] if d.active else 0
+    if d.active:
+        batches = shard(batches, d, allow_empty=True)
     if samples < 1:
         raise ValueError("MC dropout needs samples >= 1")
     dropouts = _lora_dropouts(model)
@@ -56,15 +68,15 @@ def mc_dropout_probs(
         raise ValueError("MC dropout needs LoRA dropout > 0 (the model card's dropout)")
     state = torch.get_rng_state()
     was = [m.training for m in dropouts]
-    torch.manual_seed(seed)
     try:
         for m in dropouts:
             m.train()
         out = []
-        for b in batches:
+        for i, b in enumerate(batches):
+            torch.manual_seed(seed * 1_000_003 + first + i)
             p = sum(torch.softmax(logits_fn(model, b).double(), -1) for _ in range(samples))
             out.append(p / samples)
-        return torch.cat(out)
+        return gather_cat(cat_or_none(out), d)
     finally:
         for m, w in zip(dropouts, was, strict=True):
             m.train(w)
@@ -72,7 +84,7 @@ def mc_dropout_probs(
 
 
 def checkpoint_ensemble(probs: list[Tensor]) -> Tensor:
-    """The average (N, C) of the predictive probabilities of several checkpoints."""
+    """The average (N, C) of the predictive probabilities of several checkpoints (or runs)."""
     if not probs:
-        raise ValueError("the checkpoint ensemble needs at least one checkpoint")
+        raise ValueError("an ensemble needs at least one member")
     return torch.stack([p.double() for p in probs]).mean(0)

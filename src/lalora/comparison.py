@@ -4,7 +4,8 @@ Input: per (model, dataset, step) the per-example predictive probabilities of ea
 :func:`lalora.io.save_predictions` writes them. At each (model, dataset)'s final checkpoint every
 method gets ACC, NLL, ECE and Brier with 95% bootstrap intervals
 (:func:`lalora.metrics.bootstrap_intervals`); the checkpoint ensemble averages the MAP
-predictions of the last K checkpoints, which must score the same examples.
+predictions of the last K checkpoints, the deep ensemble the final MAP predictions of the study's
+run and of its extra seeds; every member must score the same examples.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ METHOD_NAMES = {
     "temperature": "Temperature scaling",
     "mc_dropout": "MC dropout",
     "ensemble": "Checkpoint ensemble",
+    "deep_ensemble": "Deep ensemble",
 }
 METRICS = ("acc", "nll", "ece", "brier")
 
@@ -38,29 +40,43 @@ class Predictions:
     ids: list[str]
 
 
+def _same_examples(members: list[Predictions], final: Predictions, what: str) -> list[Tensor]:
+    for p in members:
+        if p.ids != final.ids:
+            raise ValueError(
+                f"{what}: the members score different examples; an ensemble needs the same "
+                "test split in every member"
+            )
+    return [p.probs["map"] for p in members]
+
+
 def compare(
     preds: dict[tuple[str, str, int], Predictions],
     ensemble_last: int,
     n_bins: int = 10,
     resamples: int = 1000,
     seed: int = 0,
+    members: dict[tuple[str, str], list[Predictions]] | None = None,
 ) -> pd.DataFrame:
     """Long table: model, dataset, method, metric, value, low, high (the 95% interval), at each
-    (model, dataset)'s final checkpoint, one row per method of :data:`METHOD_NAMES` present."""
+    (model, dataset)'s final checkpoint, one row per method of :data:`METHOD_NAMES` present.
+    ``members[(model, dataset)]``: the deep ensemble's extra runs (their final MAP
+    predictions); the row is there when one is given."""
     rows = []
     for model, dataset in dict.fromkeys((m, d) for m, d, _ in preds):
         steps = sorted(s for m, d, s in preds if (m, d) == (model, dataset))
         final = preds[(model, dataset, steps[-1])]
         methods = {k: v for k, v in final.probs.items() if k in METHOD_NAMES}
         if ensemble_last > 0:
-            members = [preds[(model, dataset, s)] for s in steps[-ensemble_last:]]
-            for p in members:
-                if p.ids != final.ids:
-                    raise ValueError(
-                        f"{model} {dataset}: checkpoints score different examples; the "
-                        "checkpoint ensemble needs the same test split at every step"
-                    )
-            methods["ensemble"] = checkpoint_ensemble([p.probs["map"] for p in members])
+            ckpts = [preds[(model, dataset, s)] for s in steps[-ensemble_last:]]
+            what = f"{model} {dataset} checkpoint ensemble"
+            methods["ensemble"] = checkpoint_ensemble(_same_examples(ckpts, final, what))
+        runs = (members or {}).get((model, dataset), [])
+        if runs:
+            what = f"{model} {dataset} deep ensemble"
+            methods["deep_ensemble"] = checkpoint_ensemble(
+                _same_examples([final, *runs], final, what)
+            )
         for method in METHOD_NAMES:
             if method not in methods:
                 continue

@@ -31,6 +31,10 @@ class ConfigError(UserError, ValueError):
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
+# names that cannot be models: predictions/<name>/ is another stage's folder
+RESERVED = ("members", "shift")
+
+
 def check_plain_name(key: str, value: str) -> None:
     """``value`` names a file or folder component: letters, digits, ``_.+-``, not starting
     with a dot or dash, no path separator, no ``..`` (so no output escapes its folder)."""
@@ -197,6 +201,45 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """How the heavy stages (finetune, members, fit_kfac, tune_prior, evaluate, shift) start:
+    ``nproc_per_node`` 1 runs plain ``python``, N > 1 runs ``torchrun --nproc-per-node N``
+    (data parallel, :mod:`lalora.distributed`) with ``backend`` (``auto``: nccl with CUDA,
+    else gloo) and ``threads`` CPU threads per process (0: torch's default, 1 per process
+    under torchrun). The stages do not declare these keys: results equal the 1-process run's
+    (to round-off), so changing them reruns nothing."""
+
+    nproc_per_node: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.threads < 0:
+            raise ConfigError(
+                f"launch: need nproc_per_node >= 1 and threads >= 0, got "
+                f"{self.nproc_per_node} and {self.threads}"
+            )
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """The deep ensemble (Lakshminarayanan et al. 2017): ``members`` independent fine-tuning
+    runs, the study's own (``finetune.seed``) and ``members - 1`` more with seeds
+    ``finetune.seed + 1, ...`` (LoRA initialisation, batch order and dropout); their final MAP
+    predictions are averaged. 1: no extra run (the ensemble is the MAP itself, not reported)."""
+
+    members: int = 1
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ConfigError(f"ensemble.members must be >= 1, got {self.members}")
+
+    def seeds(self, finetune: FinetuneConfig) -> list[int]:
+        """The fine-tuning seeds of the extra members (not the study's own run)."""
+        return [finetune.seed + k for k in range(1, self.members)]
+
+
+@dataclass(frozen=True)
 class KfacConfig:
     """Kronecker factors: Fisher type, low-rank update, rank ``k``; sides up to ``max_dense`` are
     kept dense (exact), larger ones low-rank."""
@@ -257,6 +300,8 @@ class Params:
     data: dict[str, DataConfig] = field(default_factory=lambda: {"generated": DataConfig()})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     kfac: KfacConfig = field(default_factory=KfacConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
@@ -272,6 +317,11 @@ class Params:
             check_plain_name(f"zoo.{name}", name)
         for name in self.models:
             check_plain_name("models", name)
+            if name in RESERVED:
+                raise ConfigError(
+                    f"models: {name!r} is reserved (predictions/{name}/ holds another stage's "
+                    "outputs); rename the model"
+                )
             if name not in self.zoo:
                 raise ConfigError(f"unknown model {name!r}; the zoo has {sorted(self.zoo)}")
         if not self.datasets:

@@ -21,6 +21,7 @@ from torch import Tensor
 from lalora.baselines import fit_temperature, mc_dropout_probs
 from lalora.config import Params
 from lalora.data import read_split
+from lalora.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
 from lalora.errors import ArtifactError
 from lalora.io import read_json
 from lalora.laplace.posterior import Posterior
@@ -82,16 +83,19 @@ def evaluate_split(
     prior_path: Path,
     test: Path,
     val: Path,
+    dist: Dist | None = None,
 ) -> Evaluation:
     """Every method of ``params.evaluate.methods`` (and MAP, and the configured Laplace
     posterior) on the prepared split ``test``; ``val`` is the training dataset's validation
-    split (temperature scaling)."""
+    split (temperature scaling). With ``dist`` the batches are split over the processes and
+    every process returns the whole evaluation."""
+    d = dist or SINGLE
     cfg, pred = params.evaluate, params.predictive
     prior = read_json(prior_path, "tune_prior")
     posts = posteriors(kfac, prior_path, prior, cfg.methods)
     run = load_split_run(params, model_name, adapter, test, cfg.batch_size)
     mean, covs = predict_covariances(
-        run.model, run.batches, run.logits_fn, run.modules, posts, progress=True
+        run.model, run.batches, run.logits_fn, run.modules, posts, progress=d.main, dist=d
     )
     probs = {"map": torch.softmax(mean, -1)}
     for key, cov in covs.items():
@@ -100,13 +104,14 @@ def evaluate_split(
     if "temperature" in cfg.methods:
         v = load_split_run(params, model_name, adapter, val, cfg.batch_size)
         with torch.no_grad():
-            val_logits = torch.cat([v.logits_fn(v.model, b) for b in v.batches])
+            mine = shard(v.batches, d, allow_empty=True) if d.active else v.batches
+            val_logits = gather_cat(cat_or_none([v.logits_fn(v.model, b) for b in mine]), d)
         t, edge = fit_temperature(val_logits, v.labels)
         probs["temperature"] = torch.softmax(mean / t, -1)
         info["temperature"] = {"T": t, "at_edge": edge}
     if "mc_dropout" in cfg.methods:
         probs["mc_dropout"] = mc_dropout_probs(
-            run.model, run.batches, run.logits_fn, cfg.mc_samples, pred.seed
+            run.model, run.batches, run.logits_fn, cfg.mc_samples, pred.seed, dist=d
         )
     ids = [e.id for e in read_split(test).examples]
     return Evaluation(probs, run.labels, ids, prior, info, covs["laplace"])

@@ -14,6 +14,16 @@ so a resumed run never mixes two configurations. A checkpoint that does not load
 file) is skipped with a warning and training resumes from the last intact one; staging folders
 of a killed save are removed on start. A non-finite loss or weight stops the run, naming the
 step, before anything is saved.
+
+Data parallel (:mod:`lalora.distributed`, N processes under ``torchrun``): every rank tokenises
+the whole global batch of :func:`batch_indices` (so padding is that of the 1-process run) and
+takes its contiguous share of the rows; the loss is the global mean (each rank's sum divided by
+the global batch size) and the LoRA gradients are summed over the ranks before the AdamW step,
+so every rank holds the same weights and the result equals the 1-process run's to float32
+round-off. The LoRA dropout masks are drawn per example from a generator keyed by (seed, step,
+position in the global batch, module) (:class:`KeyedDropout`), so they do not depend on N
+either, and any other randomness is reseeded from (seed, step, rank) at each step: a run resumes
+exactly, and may resume with another N. Rank 0 alone writes checkpoints.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +44,10 @@ from tqdm.auto import tqdm
 
 from lalora.config import FinetuneConfig
 from lalora.data import Example
+from lalora.distributed import Dist, all_gather_objects, all_reduce_, barrier, bounds, current
 from lalora.errors import ArtifactError, NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.models import answer_logits, encode
+from lalora.models import Batch, answer_logits, encode
 
 FORMAT_VERSION = 1
 
@@ -213,10 +225,111 @@ def latest_checkpoint(out: Path, fingerprint: str) -> int | None:
     return None
 
 
+def mix(*parts: int) -> int:
+    """A seed from integers: Python's tuple hash (deterministic for ints in every process,
+    unlike str hashes), made non-negative."""
+    return hash(parts) & (2**63 - 1)
+
+
+class KeyedDropout(nn.Module):
+    """Inverted dropout whose mask for row b of the input (B, ...) is drawn from a generator
+    seeded by ``mix(keys[b], index)``: a function of the row's key and the module, not of the
+    other rows of the batch (so a batch split over processes gets the 1-process masks)."""
+
+    def __init__(self, p: float, index: int):
+        super().__init__()
+        self.p, self.index = p, index
+        self.keys: list[int] | None = None
+        self._gen: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.keys is None or len(self.keys) != x.shape[0]:
+            raise RuntimeError("KeyedDropout: set one key per row before the forward pass")
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device)
+        masks = []
+        for key in self.keys:
+            self._gen.manual_seed(mix(key, self.index))
+            masks.append(
+                torch.empty(x.shape[1:], device=x.device).bernoulli_(
+                    1 - self.p, generator=self._gen
+                )
+            )
+        return x * torch.stack(masks).to(x.dtype) / (1 - self.p)
+
+
+@contextmanager
+def keyed_dropout(model: nn.Module) -> Iterator[list[KeyedDropout]]:
+    """Swap each LoRA dropout (``nn.Dropout`` with p > 0 in a PEFT ``lora_dropout``) for a
+    :class:`KeyedDropout` for the duration; the originals are put back after."""
+    swapped = []
+    for mod in model.modules():
+        drops = getattr(mod, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for key, drop in list(drops.items()):
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    new = KeyedDropout(drop.p, len(swapped))
+                    new.train(drop.training)
+                    drops[key] = new
+                    swapped.append((drops, key, drop, new))
+    try:
+        yield [s[3] for s in swapped]
+    finally:
+        for drops, key, drop, new in swapped:
+            drop.train(new.training)
+            drops[key] = drop
+
+
+def _rows(batch: Batch, lo: int, hi: int) -> Batch:
+    return Batch(batch.input_ids[lo:hi], batch.attention_mask[lo:hi], batch.labels[lo:hi])
+
+
+def _sum_gradients(params: list[nn.Parameter], d: Dist) -> None:
+    """All-reduce (sum) the gradients of ``params`` over the ranks, as one flat buffer."""
+    if not d.active:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]), d)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def _adapter_state(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, adapter)
+
+
+def _step(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    answer_ids: list[int],
+    cfg: FinetuneConfig,
+    step: int,
+    rows: tuple[int, int],
+    dropouts: list[KeyedDropout],
+) -> torch.Tensor:
+    """This rank's part of the loss of (0-based) ``step``: the sum of the cross-entropies of the
+    global batch's ``rows`` [lo, hi), divided by the global batch size."""
+    lo, hi = rows
+    torch.manual_seed(mix(cfg.seed, step, lo))
+    idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
+    batch = encode(
+        tokenizer,
+        [examples[i].prompt for i in idx],
+        [examples[i].label for i in idx],
+        cfg.max_length,
+    )
+    for drop in dropouts:
+        drop.keys = [mix(cfg.seed, step, j) for j in range(lo, hi)]
+    part = _rows(batch, lo, hi)
+    logits = answer_logits(model, part, answer_ids)  # (b, C)
+    return nn.functional.cross_entropy(logits, part.labels, reduction="sum") / len(idx)
 
 
 def train(
@@ -229,22 +342,34 @@ def train(
     fingerprint: str,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` (a PEFT model), checkpointing into ``out``.
 
     Resumes from the last checkpoint in ``out`` written by a run with the same ``fingerprint``.
     ``on_step(step)`` is called after each completed step (tests use it to interrupt a run).
+    ``dist``: the process group's rank and size (default: the running one, see
+    :mod:`lalora.distributed`); each rank must get at least one row of every batch.
     """
     from transformers import get_linear_schedule_with_warmup
 
+    d = dist or current()
+    if d.world > cfg.batch_size:
+        raise ValueError(
+            f"finetune.batch_size {cfg.batch_size} is smaller than the {d.world} processes; "
+            "every process needs at least one example per step"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     losses: list[tuple[int, float]] = []
-    start = latest_checkpoint(out, fingerprint)
+    # rank 0 inspects (and tidies) the folder; the others take its answer
+    start = all_gather_objects(latest_checkpoint(out, fingerprint) if d.main else None, d)[0]
     if start is None:
         torch.manual_seed(cfg.seed)
-        save_checkpoint(out, 0, model, opt, sched, fingerprint, losses)
+        if d.main:
+            save_checkpoint(out, 0, model, opt, sched, fingerprint, losses)
+        barrier(d)
         start = 0
     else:
         meta, tensors, adapter = read_checkpoint(checkpoint_dir(out, start))
@@ -259,42 +384,43 @@ def train(
     bar = tqdm(
         range(start, cfg.steps),
         desc="finetune",
-        disable=not progress,
+        disable=not progress or not d.main,
         initial=start,
         total=cfg.steps,
     )
-    for step in bar:
-        idx = batch_indices(len(examples), cfg.batch_size, step, cfg.seed)
-        batch = encode(
-            tokenizer,
-            [examples[i].prompt for i in idx],
-            [examples[i].label for i in idx],
-            cfg.max_length,
-        )
-        logits = answer_logits(model, batch, answer_ids)  # (B, C)
-        loss = nn.functional.cross_entropy(logits, batch.labels)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"finetune: the loss is {float(loss)} at step {step + 1} (lr {cfg.lr:g}); the run "
-                f"diverged, the last checkpoint saved is step {saved}. Lower finetune.lr."
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
-        if bad:
-            raise NonFiniteError(
-                f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after step "
-                f"{step + 1} (lr {cfg.lr:g}); the last checkpoint saved is step {saved}. Lower "
-                "finetune.lr."
-            )
-        losses.append((step + 1, float(loss)))
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        if (step + 1) % cfg.save_every == 0:
-            save_checkpoint(out, step + 1, model, opt, sched, fingerprint, losses)
-            saved = step + 1
-        if on_step is not None:
-            on_step(step + 1)
+    lo, hi = bounds(cfg.batch_size, d)
+    with keyed_dropout(model) as dropouts:
+        for step in bar:
+            loss = _step(model, tokenizer, examples, answer_ids, cfg, step, (lo, hi), dropouts)
+            total = all_reduce_(loss.detach().double().reshape(1), d)[0]
+            if not torch.isfinite(total):
+                raise NonFiniteError(
+                    f"finetune: the loss is {float(total)} at step {step + 1} (lr {cfg.lr:g}); "
+                    f"the run diverged, the last checkpoint saved is step {saved}. Lower "
+                    "finetune.lr."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _sum_gradients(params, d)
+            opt.step()
+            sched.step()
+            bad = [
+                n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()
+            ]
+            if bad:
+                raise NonFiniteError(
+                    f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after "
+                    f"step {step + 1} (lr {cfg.lr:g}); the last checkpoint saved is step {saved}. "
+                    "Lower finetune.lr."
+                )
+            losses.append((step + 1, float(total)))
+            bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+            if (step + 1) % cfg.save_every == 0:
+                if d.main:
+                    save_checkpoint(out, step + 1, model, opt, sched, fingerprint, losses)
+                barrier(d)
+                saved = step + 1
+            if on_step is not None:
+                on_step(step + 1)
     model.eval()
     return TrainResult(losses=losses, checkpoints=[checkpoint_dir(out, s) for s in cfg.checkpoints])

@@ -59,8 +59,10 @@ def dequantised_gguf(package: str, gguf_file: str) -> Path:
     """A standard transformers folder (float32 safetensors and tokenizer) of a GGUF file.
 
     Dequantising the GGUF takes ~15 s and reading its tokenizer ~5 s; every stage loads the
-    model, so the result is kept, keyed by the sha256 of the GGUF file, and written atomically.
+    model, so the result is kept, keyed by the sha256 of the GGUF file, and written atomically,
+    under a file lock (the first of several concurrent processes writes it).
     """
+    from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lalora.io import publish_dir, staging_dir
@@ -72,17 +74,22 @@ def dequantised_gguf(package: str, gguf_file: str) -> Path:
     folder = cache_root() / f"{Path(gguf_file).stem}-{digest}"
     if (folder / "config.json").exists():
         return folder
-    tmp = staging_dir(folder)
-    AutoTokenizer.from_pretrained(src.parent, gguf_file=gguf_file).save_pretrained(tmp)
-    model = AutoModelForCausalLM.from_pretrained(
-        src.parent, gguf_file=gguf_file, dtype=torch.float32
-    )
-    # the weights are dequantised float32 now: save them as a plain (unquantised) model
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
-    publish_dir(tmp, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # concurrent first use (ranks, queued experiments): one process writes, the others wait
+    with FileLock(folder.with_name(f".{folder.name}.lock")):
+        if (folder / "config.json").exists():
+            return folder
+        tmp = staging_dir(folder)
+        AutoTokenizer.from_pretrained(src.parent, gguf_file=gguf_file).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=gguf_file, dtype=torch.float32
+        )
+        # the weights are dequantised float32 now: save them as a plain (unquantised) model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        publish_dir(tmp, folder)
     return folder
 
 
@@ -170,6 +177,24 @@ def tiny_config(arch: str, vocab_size: int):
     raise ModelError(f"unknown tiny architecture {arch!r}; known: llama, phi, phi3")
 
 
+def quantization_kwargs(card: ModelCard) -> dict:
+    """``from_pretrained`` keyword arguments of the card's quantisation: for ``nf4`` (QLoRA,
+    Dettmers et al. 2023) a bitsandbytes 4-bit NF4 config with double quantisation, computing in
+    the card's dtype, and the whole model on this process's GPU (``LOCAL_RANK`` under
+    torchrun); nothing for ``none``. Needs the ``gpu`` extra (bitsandbytes) to load."""
+    if card.quantization != "nf4":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=DTYPES[card.dtype],
+        bnb_4bit_use_double_quant=True,
+    )
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+
+
 def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
     """Load the card's pretrained causal LM (frozen), in the card's dtype and quantisation."""
     from transformers import AutoModelForCausalLM
@@ -183,16 +208,7 @@ def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 
     if card.source == "hub":
         # safetensors only: no pickle is ever loaded from downloaded files
         kwargs: dict = {"dtype": dtype, "use_safetensors": True}
-        if card.quantization == "nf4":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_compute_dtype=dtype,
-                bnb_4bit_use_double_quant=True,
-            )
-            kwargs["device_map"] = {"": 0}
+        kwargs |= quantization_kwargs(card)
         try:
             model = AutoModelForCausalLM.from_pretrained(hub_source(card.repo), **kwargs)
         except OSError as err:  # e.g. only pickled (*.bin) weights: never loaded

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora.distributed import SINGLE, Dist, all_reduce_, all_reduce_sum, bounds, shard
 from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kron import make_accumulator
@@ -88,8 +89,15 @@ def fit_kfac(
     seed: int = 0,
     progress: bool = False,
     total: int | None = None,
+    dist: Dist | None = None,
 ) -> Posterior:
     """Fit the Kronecker factors of ``modules`` (LoRA ``nn.Linear`` maps) over ``batches``.
+
+    With ``dist`` (several processes, :mod:`lalora.distributed`) each rank takes its
+    contiguous share of ``batches`` and the statistics (factor accumulators, row and data
+    counts, log-likelihood) are summed over the ranks before the eigendecompositions; the MC
+    Fisher's labels are drawn per batch (seeded by ``seed`` and the batch's index), so they do
+    not depend on the split either.
 
     Args:
         model: the network, evaluated in eval mode (no dropout).
@@ -103,6 +111,13 @@ def fit_kfac(
     Returns:
         A :class:`Posterior` without a prior (see :func:`lalora.laplace.marglik.tune_prior`).
     """
+    d = dist or SINGLE
+    if d.active:
+        batches = list(batches)
+        first = bounds(len(batches), d)[0]
+        batches, total = shard(batches, d), None
+    else:
+        first = 0
     fisher = Fisher(fisher)
     update = LowRankUpdate(update).value
     a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
@@ -113,7 +128,7 @@ def fit_kfac(
             d_out, rank, max_dense, update, seed=seed + 2 * index[name] + 1
         )
     shared: dict[str, str] = {}  # module -> the module whose input (and input factor) it shares
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator()
     n_data, log_lik = 0, 0.0
 
     def on_input(name: str, a: Tensor, source: str) -> None:  # a (B, T, d_in), padding zeroed
@@ -153,9 +168,20 @@ def fit_kfac(
                 .sum()
             )
             n_data += logits.shape[0]
+            gen.manual_seed(seed * 1_000_003 + first + b)
             roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
             output_gradients(logits, roots, tap.outputs)
     model.train(was_training)
+    if d.active:  # the same modules, in the same order, on every rank
+        for name in modules:
+            if name in a_acc:
+                a_acc[name].reduce(d)
+            g_acc[name].reduce(d)
+        counts = torch.tensor([n_rows[n] for n in modules] + [n_data], dtype=torch.float64)
+        all_reduce_(counts, d)
+        n_rows = {n: int(c) for n, c in zip(modules, counts[:-1].tolist(), strict=True)}
+        n_data = int(counts[-1])
+        log_lik = all_reduce_sum(log_lik, d)
 
     factors = {}
     a_factors = {n: acc.finalize(1.0 / max(n_rows[n], 1)) for n, acc in a_acc.items()}

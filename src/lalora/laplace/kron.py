@@ -17,6 +17,11 @@ or the rank is at least d, else k = rank (low-rank). Three accumulators share on
   update; the final fixed-rank reconstruction is exact when rank(F) <= s. Sketches from several
   workers add up (``Y`` is linear in the data) before ``finalize``.
 
+Data parallel (``reduce(dist)``, before ``finalize``): dense sums and Nystrom sketches (the same
+seeded Omega on every rank) are summed over the ranks, so the result equals the 1-process one to
+float64 round-off; incremental-SVD roots are gathered and merged (the top k of [L_0, ..., L_N-1],
+exact while the rank of F is at most k, like the streaming update itself).
+
 Eigenvalues are clipped at zero (round-off can make tiny ones negative).
 """
 
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lalora.distributed import Dist, all_gather_objects, all_reduce_
 
 DTYPE = torch.float64
 
@@ -81,7 +88,10 @@ class DenseAccumulator:
     def update(self, rows: Tensor) -> None:  # rows (m, d)
         if rows.dtype in (torch.float16, torch.bfloat16):
             rows = rows.float()
-        self.sum += (rows.T @ rows).to(DTYPE)
+        self.sum += (rows.T @ rows).to(self.sum.device, DTYPE)  # on the host
+
+    def reduce(self, dist: Dist) -> None:
+        all_reduce_(self.sum, dist)
 
     def finalize(self, scale: float = 1.0) -> Factor:
         return eig_factor(self.sum * scale)
@@ -96,13 +106,20 @@ class SvdAccumulator:
         self.L = torch.zeros(dim, 0, dtype=DTYPE)
 
     def update(self, rows: Tensor) -> None:
-        rows = rows.to(DTYPE)
+        rows = rows.to(self.L.device, DTYPE)
         rows = rows[rows.abs().amax(dim=1) > 0]  # zero rows (padding) change nothing
         for start in range(0, rows.shape[0], self.chunk):
             self._update(rows[start : start + self.chunk])
 
+    def reduce(self, dist: Dist) -> None:
+        """Merge the ranks' roots: the top k of [L_0, ..., L_N-1] (rank order)."""
+        if dist.active:
+            self._compress(torch.cat(all_gather_objects(self.L, dist), dim=1))
+
     def _update(self, rows: Tensor) -> None:
-        M = torch.cat([self.L, rows.T], dim=1)  # (d, k + c)
+        self._compress(torch.cat([self.L, rows.T], dim=1))  # (d, k + c)
+
+    def _compress(self, M: Tensor) -> None:
         # top-k of the SVD M = U S V^T through the small Gram matrix M^T M = V S^2 V^T:
         # U_k S_k = M V_k. All BLAS-3 in float64; the squared condition number only affects
         # singular values far below the top k, which are discarded.
@@ -126,8 +143,11 @@ class NystromAccumulator:
         self.Y = torch.zeros(dim, s, dtype=DTYPE)
 
     def update(self, rows: Tensor) -> None:
-        rows = rows.to(DTYPE)  # (m, d)
+        rows = rows.to(self.Y.device, DTYPE)  # (m, d)
         self.Y.addmm_(rows.T, rows @ self.omega)  # (d, s)
+
+    def reduce(self, dist: Dist) -> None:
+        all_reduce_(self.Y, dist)
 
     def finalize(self, scale: float = 1.0) -> Factor:
         """Tropp et al. 2017, Algorithm 3: shifted Cholesky-based fixed-rank reconstruction."""

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
 from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kfac import LogitsFn
@@ -106,8 +107,14 @@ def jacobian_features(
     post: Posterior,
     progress: bool = False,
     total: int | None = None,
+    dist: Dist | None = None,
 ) -> JacobianFeatures:
-    """One forward and C - 1 backward passes per batch; see the module docstring."""
+    """One forward and C - 1 backward passes per batch; see the module docstring. With
+    ``dist`` each rank computes its contiguous share of ``batches`` and every rank returns the
+    features of all of them, in order."""
+    d = dist or SINGLE
+    if d.active:
+        batches, total = shard(list(batches), d, allow_empty=True), None
     means: list[Tensor] = []
     groups = None
     perp: dict[str, list[Tensor]] = {n: [] for n in modules}
@@ -121,9 +128,9 @@ def jacobian_features(
                 perp[name].append(p[i])
                 proj[name].append(q[i])
     return JacobianFeatures(
-        mean=torch.cat(means),
-        perp={n: torch.cat(v) for n, v in perp.items()},
-        proj={n: torch.cat(v) for n, v in proj.items()},
+        mean=gather_cat(cat_or_none(means), d),
+        perp={n: gather_cat(cat_or_none(v), d) for n, v in perp.items()},
+        proj={n: gather_cat(cat_or_none(v), d) for n, v in proj.items()},
     )
 
 
@@ -246,10 +253,15 @@ def predict_covariances(
     posts: dict[str, Posterior],
     progress: bool = False,
     total: int | None = None,
+    dist: Dist | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """As :func:`predict_covariance` for several posteriors from one Jacobian pass: each over
     its own modules (a subset of ``modules``, e.g. the last layer's) at its own prior. Returns
-    the MAP logits (N, C) and a contrast covariance (N, K, K) per posterior."""
+    the MAP logits (N, C) and a contrast covariance (N, K, K) per posterior. With ``dist`` each
+    rank computes its contiguous share of ``batches`` and every rank returns all of them."""
+    d = dist or SINGLE
+    if d.active:
+        batches, total = shard(list(batches), d, allow_empty=True), None
     for key, post in posts.items():
         if not post.prior_precision:
             raise ValueError(f"the posterior {key!r} has no prior precision; tune it first")
@@ -275,7 +287,9 @@ def predict_covariances(
             if not torch.isfinite(cov).all():
                 raise NonFiniteError(f"non-finite predictive covariance in batch {b} ({key})")
             covs[key].append((cov + cov.transpose(1, 2)) / 2)
-    return torch.cat(means), {k: torch.cat(v) for k, v in covs.items()}
+    return gather_cat(cat_or_none(means), d), {
+        k: gather_cat(cat_or_none(v), d) for k, v in covs.items()
+    }
 
 
 def predictive_probs(

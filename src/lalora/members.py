@@ -1,0 +1,66 @@
+"""The deep ensemble's extra members (Lakshminarayanan et al. 2017, "Simple and scalable
+predictive uncertainty estimation using deep ensembles"): the study's fine-tuning repeated with
+another seed (LoRA initialisation, batch order, dropout), then its MAP predictions on the test
+split. The ensemble itself, the average of the members' and the study's own final MAP
+predictions, is formed from saved predictions (:func:`lalora.baselines.deep_ensemble`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from torch import Tensor
+
+from lalora.config import Params
+from lalora.data import DataError, read_split
+from lalora.distributed import SINGLE, Dist, gather_cat, shard
+from lalora.finetune import train
+from lalora.models import answer_token_ids, attach_lora, load_card_model
+from lalora.pipeline import batches, fingerprint, map_probs
+
+
+def train_member(
+    params: Params,
+    model_name: str,
+    train_path: Path,
+    test_path: Path,
+    out: Path,
+    seed: int,
+    dist: Dist | None = None,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Fine-tune ``model_name`` on ``train_path`` as ``finetune`` says but with ``seed``
+    (checkpoints in ``out``, resumed like the study's own run), and return its final MAP
+    probabilities (N, C), the labels (N,) and the example ids of ``test_path``; data parallel
+    over ``dist``'s processes, each of which returns the whole result."""
+    import torch
+
+    d = dist or SINGLE
+
+    cfg = replace(params.finetune, seed=seed)
+    card = params.card(model_name)
+    split, test = read_split(train_path), read_split(test_path)
+    for path, s in ((train_path, split), (test_path, test)):
+        if not s.examples:
+            raise DataError(f"{path}: no examples; check data.* in params.yaml")
+    tok, base = load_card_model(card, seed=seed)
+    model = attach_lora(base, card, seed=seed)
+    train(
+        model,
+        tok,
+        list(split.examples),
+        answer_token_ids(tok, split.answers),
+        cfg,
+        out,
+        fingerprint(card, cfg, train_path),
+        progress=d.main,
+        dist=d,
+    )
+    model.eval()
+    examples = list(test.examples)
+    test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length))
+    mine = shard(test_batches, d, allow_empty=True) if d.active else test_batches
+    ids = answer_token_ids(tok, test.answers)
+    probs = gather_cat(map_probs(model, mine, ids) if mine else None, d)
+    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return probs, labels, [e.id for e in examples]

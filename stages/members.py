@@ -1,0 +1,50 @@
+"""Stage members@<model>-<dataset>: the deep ensemble's extra members (``ensemble.members - 1``
+fine-tuning runs with seeds ``finetune.seed + 1, ...``) and their final MAP predictions on the
+test split (``<predictions>/seed-<s>.safetensors``, listed in ``members.json``). With
+``ensemble.members: 1`` nothing is trained and the list is empty."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.cli import run
+from lalora.config import load_params
+from lalora.distributed import finish, init
+from lalora.io import atomic_write_json, save_predictions
+from lalora.members import train_member
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--train", type=Path, required=True, help="prepared train split")
+    parser.add_argument("--test", type=Path, required=True, help="prepared test split")
+    parser.add_argument("--out", type=Path, required=True, help="members' checkpoint folder")
+    parser.add_argument("--predictions", type=Path, required=True, help="a folder")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    dist = init()
+    seeds = params.ensemble.seeds(params.finetune)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        probs, labels, ids = train_member(
+            params, args.model, args.train, args.test, args.out / f"seed-{seed}", seed, dist
+        )
+        if not dist.main:
+            continue
+        save_predictions(
+            args.predictions / f"seed-{seed}.safetensors", {"map": probs}, labels, ids,
+            {"seed": seed, "step": params.finetune.steps},
+        )  # fmt: skip
+        print(f"{args.model} member seed {seed}: trained {params.finetune.steps} steps")
+    if dist.main:
+        atomic_write_json(args.out / "members.json", {"seeds": seeds})
+        atomic_write_json(args.predictions / "members.json", {"seeds": seeds})
+    finish(dist)
+
+
+if __name__ == "__main__":
+    run(main)
