@@ -43,8 +43,14 @@ def main() -> None:
                     args.predictions / model / dataset / f"step-{step}.safetensors", stage
                 )
                 preds[(model, dataset, step)] = Predictions(probs, labels, ids)
-    labels = {d: dataset_label(d, params.dataset(d)) for d in params.datasets}
-    write_all(results, list(params.models), labels, args.metrics, args.plots)
+    labels: dict[str, str] = {}  # the paper's column names; a repeated one falls back to the key
+    for d in dict.fromkeys(
+        [*params.datasets, *(t for s in params.datasets for t in params.shifted(s))]
+    ):
+        label = dataset_label(d, params.dataset(d))
+        labels[d] = d if label in labels.values() else label
+    trained = {d: labels[d] for d in params.datasets}
+    write_all(results, list(params.models), trained, args.metrics, args.plots)
     members = {}
     for model in params.models:
         for dataset in params.datasets:

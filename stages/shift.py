@@ -1,20 +1,37 @@
 """Stage shift@<model>-<dataset>: the final checkpoint fine-tuned on <dataset> scored on the test
 splits of the datasets that ``shift.<dataset>`` lists (distribution shift, e.g. OpenBookQA ->
 ARC-C and ARC-E), with every method of the comparison. Writes ``{target: metrics}`` (empty when
-nothing is listed) and each target's per-example predictions."""
+nothing is listed) and each target's per-example predictions. A target the study does not train
+on (not in ``datasets``) has no prepare stage: its test split is prepared here, as ``prepare``
+would (same data config, seed and prompt)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 from lalora.cli import run
-from lalora.config import ConfigError, load_params
-from lalora.data import answers_of
+from lalora.config import ConfigError, Params, load_params
+from lalora.data import answers_of, load_splits, write_split
 from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
 from lalora.metrics import check_finite
+
+
+def test_split(params: Params, target: str, data_dir: Path, scratch: Path) -> Path:
+    """The prepared test split of ``target``: ``data/<target>/test.jsonl`` when the study
+    prepares it, else written to ``scratch``."""
+    if target in params.datasets:
+        return data_dir / target / "test.jsonl"
+    cfg = params.dataset(target)
+    _, test = load_splits(cfg)
+    path = scratch / target / "test.jsonl"
+    write_split(path, test, answers_of(cfg.name))
+    print(f"prepared the test split of {target} ({len(test)} prompts; not in datasets)")
+    return path
 
 
 def main() -> None:
@@ -34,6 +51,7 @@ def main() -> None:
     root = args.models_dir / args.model / args.dataset
     answers = answers_of(params.dataset(args.dataset).name)
     result = {}
+    scratch = Path(tempfile.mkdtemp(prefix="lalora-shift-"))
     for target in params.shifted(args.dataset):
         if answers_of(params.dataset(target).name) != answers:
             raise ConfigError(
@@ -46,7 +64,7 @@ def main() -> None:
             root / "adapters" / f"step-{step}",
             root / "kfac" / f"step-{step}",
             root / "prior" / f"step-{step}.json",
-            args.data_dir / target / "test.jsonl",
+            test_split(params, target, args.data_dir, scratch),
             args.data_dir / args.dataset / "val.jsonl",
             dist=dist,
         )
@@ -61,6 +79,7 @@ def main() -> None:
             f"{args.model} {args.dataset} -> {target}: "
             + ", ".join(f"{m} nll={result[target][m]['nll']:.3f}" for m in ev.probs)
         )
+    shutil.rmtree(scratch, ignore_errors=True)
     if dist.main:
         atomic_write_json(args.predictions / "targets.json", sorted(result))
         atomic_write_json(args.out, result)

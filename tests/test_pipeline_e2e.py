@@ -149,8 +149,10 @@ def shifted(tmp_path_factory):
             "obqa": {**common, "name": "obqa", "local_dir": "tinydata/obqa"},
             "arc_e": {**common, "name": "arc_e", "local_dir": "tinydata/arc"},
         }
+        # arc_small: a shift target the study does not train on (no prepare stage)
+        params["data"]["arc_small"] = {**params["data"]["arc_e"], "n_test": 4, "seed": 1}
         params["datasets"] = ["obqa", "arc_e"]
-        params["shift"] = {"obqa": ["arc_e"]}
+        params["shift"] = {"obqa": ["arc_e", "arc_small"]}
         params["ensemble"] = {"members": 2}
 
     return make_repo(tmp_path_factory, paper_like)
@@ -273,14 +275,16 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     split = (repo / "data" / "obqa" / "test.jsonl").read_text().splitlines()
     assert json.loads(split[0]) == {"answers": [" A", " B", " C", " D"]}
     shift = json.loads((repo / "metrics" / "shift" / "tiny-a" / "obqa.json").read_text())
-    assert set(shift) == {"arc_e"} and shift["arc_e"]["step"] == 2
+    assert set(shift) == {"arc_e", "arc_small"} and shift["arc_e"]["step"] == 2
+    assert not any("arc_small" in s and s.startswith("prepare") for s in ran)
     assert {"map", "laplace", "la", "la_val", "llla", "temperature", "mc_dropout"} <= set(
         shift["arc_e"]
     )
     assert json.loads((repo / "metrics" / "shift" / "tiny-a" / "arc_e.json").read_text()) == {}
     table = pd.read_csv(repo / "metrics" / "shift.csv")
-    assert set(zip(table.train, table.test, strict=True)) == {("OBQA", "ARC-E")}
-    assert len(table) == 6  # MAP, LA, LA (val), LLLA, temperature, MC dropout
+    pairs = set(zip(table.train, table.test, strict=True))
+    assert pairs == {("OBQA", "ARC-E"), ("OBQA", "arc_small")}, pairs
+    assert len(table) == 12  # MAP, LA, LA (val), LLLA, temperature, MC dropout per target
     comparison = pd.read_csv(repo / "metrics" / "comparison.csv")
     assert set(comparison.dataset) == {"obqa", "arc_e"}
     assert "Deep ensemble" in set(comparison.method)

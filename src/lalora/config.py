@@ -306,8 +306,9 @@ class Params:
     prior: PriorConfig = field(default_factory=PriorConfig)
     predictive: PredictiveConfig = field(default_factory=PredictiveConfig)
     # distribution shift: the test sets each training dataset's final checkpoint is also
-    # scored on, e.g. {obqa: [arc_c, arc_e]} (the paper's); only pairs within ``datasets`` run
-    # (the others are not prepared)
+    # scored on, e.g. {obqa: [arc_c, arc_e]} (the paper's), for the training datasets in
+    # ``datasets``; a target outside ``datasets`` has only its test split prepared, by the shift
+    # stage
     shift: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -365,8 +366,9 @@ class Params:
         return self.zoo[model]
 
     def shifted(self, source: str) -> list[str]:
-        """The test sets the final checkpoint fine-tuned on ``source`` is also scored on."""
-        return [t for t in self.shift.get(source, ()) if t in self.datasets]
+        """The test sets the final checkpoint fine-tuned on ``source`` is also scored on (any
+        entry of ``data``, whether the study trains on it or not)."""
+        return list(self.shift.get(source, ()))
 
     def dataset(self, name: str) -> DataConfig:
         """The data section of dataset ``name``, with a clear error for an unknown name."""
@@ -455,7 +457,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             "section from conf/config.yaml)"
         )
     params = _from_dict(Params, raw, "")
-    for name in params.datasets:
+    targets = [t for name in params.datasets for t in params.shifted(name)]
+    for name in dict.fromkeys([*params.datasets, *targets]):
         data = params.data[name]
         if data.source == "local" and not (path.parent / data.local_dir).is_dir():
             raise ConfigError(

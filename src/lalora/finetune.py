@@ -49,7 +49,9 @@ from lalora.errors import ArtifactError, NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
 from lalora.models import Batch, answer_logits, encode
 
-FORMAT_VERSION = 1
+# what a checkpoint means; checkpoints of another version are moved aside, never resumed from.
+# 2: LoRA dropout masks keyed per example (KeyedDropout), randomness reseeded per step
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
