@@ -2,7 +2,8 @@
 predictive uncertainty estimation using deep ensembles"): the study's fine-tuning repeated with
 another seed (LoRA initialisation, batch order, dropout), then its MAP predictions on the test
 split. The ensemble itself, the average of the members' and the study's own final MAP
-predictions, is formed from saved predictions (:func:`lalora.baselines.deep_ensemble`).
+predictions, is formed from saved predictions (:func:`lalora.comparison.compare`, with
+:func:`lalora.baselines.checkpoint_ensemble`'s average).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ def train_member(
     import torch
 
     d = dist or SINGLE
-
     cfg = replace(params.finetune, seed=seed)
     card = params.card(model_name)
     split, test = read_split(train_path), read_split(test_path)
@@ -59,7 +59,7 @@ def train_member(
     model.eval()
     examples = list(test.examples)
     test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length))
-    mine = shard(test_batches, d, allow_empty=True) if d.active else test_batches
+    mine = shard(test_batches, d, allow_empty=True)  # all of them in a single process
     ids = answer_token_ids(tok, test.answers)
     probs = gather_cat(map_probs(model, mine, ids) if mine else None, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
