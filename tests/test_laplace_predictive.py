@@ -21,7 +21,7 @@ from lalora.laplace import (
     tune_prior,
 )
 from lalora.laplace.posterior import Posterior, dense_precision
-from lalora.laplace.predictive import contrast_matrix, tune_prior_nll
+from lalora.laplace.predictive import contrast_matrix, predict_covariance, tune_prior_nll
 from lalora.models import lora_modules
 
 
@@ -98,6 +98,12 @@ def test_predictive_covariance_equals_dense(C, max_dense):
     D = contrast_matrix(C)
     report_close(cov, D @ full @ D.T, rtol=1e-8, atol=1e-12)
     report_close(feats.mean, fn(model, test).detach(), atol=1e-12)
+    # the batch-by-batch path (over two batches) gives the same
+    halves = [llama_batch([6, 3], C=C, seed=11), llama_batch([8], C=C, seed=12)]
+    mean2, cov2 = predict_covariance(model, halves, fn, mods, post)
+    feats2 = jacobian_features(model, halves, fn, mods, post)
+    report_close(cov2, logit_covariance(feats2, post), rtol=1e-10, atol=1e-14)
+    report_close(mean2, feats2.mean, atol=0)
     # probabilities from the C - 1 contrasts equal those from all C logits (shift invariance)
     gen = torch.Generator().manual_seed(0)
     L = torch.linalg.cholesky(full + 1e-12 * torch.eye(C, dtype=torch.float64))
@@ -106,6 +112,47 @@ def test_predictive_covariance_equals_dense(C, max_dense):
     p_full = torch.softmax(f, -1).mean(1)
     p_ours = predictive_probs(feats.mean, cov, "mc", samples=200000, seed=1)
     report_close(p_ours, p_full, atol=5e-3)
+
+
+@pytest.mark.parametrize("C", [2, 4])
+@pytest.mark.parametrize("max_dense", [10**6, 7])
+def test_token_factor_projections_equal_those_through_the_jacobians(C, max_dense):
+    """Both routes to P_c and to the part outside the kept eigenspaces agree, on every module
+    (dense sides, and low-rank ones where the outside part is not zero)."""
+    from lalora.laplace import predictive as pr
+
+    model, mods, fn, post = setup(C, max_dense=max_dense, rank=3)
+    test = llama_batch([6, 3, 8], C=C, seed=11)
+    (m1, via_j), (m2, via_t) = (
+        next(pr._contrast_pass(model, [test], fn, mods, route)) for route in (pr._never, _always)
+    )
+    assert torch.equal(m1, m2)
+    assert all(isinstance(v, pr.TokenFactors) for v in via_t.values())
+    outside = 0.0
+    for n in mods:
+        report_close(via_t[n].dense(), via_j[n], rtol=1e-12, atol=1e-14)
+        (gj,), (gt,) = pr._groups(post, {n: via_j[n]}), pr._groups(post, {n: via_t[n]})
+        (perp_j, proj_j), (perp_t, proj_t) = pr._project(gj, via_j), pr._project(gt, via_t)
+        report_close(proj_t, proj_j, rtol=1e-10, atol=1e-12)
+        report_close(perp_t, perp_j, rtol=1e-8, atol=1e-10)
+        outside = max(outside, float(perp_j.abs().max()))
+    assert (outside > 1e-6) == (max_dense == 7)
+
+
+def test_token_route_is_taken_where_it_is_cheaper():
+    """lm_head reads one position: its token factors are cheaper than its Jacobians; a module
+    over many positions goes through J."""
+    from lalora.laplace import predictive as pr
+
+    _, mods, _, post = setup(2)
+    route = pr.token_route(post)
+    head = [n for n in mods if "lm_head" in n]
+    assert head and all(route(n, 1) for n in head)
+    assert not any(route(n, 500) for n in mods if "lm_head" not in n)
+
+
+def _always(name: str, T: int) -> bool:
+    return True
 
 
 def test_mc_converges_to_analytic_expectation_and_probit_formula():

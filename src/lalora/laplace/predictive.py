@@ -15,12 +15,18 @@ no cancellation at small lambda). :func:`jacobian_features` stores it (K, K) and
 per example and module, so the covariance at any prior precision is cheap
 (:func:`logit_covariance`): validation-NLL tuning reuses one pass. :func:`predict_covariance`
 computes the covariance at one prior batch by batch, keeping nothing of size P per example.
+
+P_c is formed one of two ways per module, whichever takes fewer multiplications (both exact):
+from J_c, T d_out d_in + d_out d_in k_a + d_out k_a k_g; or from the token factors,
+P_c = sum_t (Q_G^T g_{t,c}) (Q_A^T a_t)^T, T (d_out k_g + d_in k_a + k_g k_a). The second wins
+where T is small against the sides, above all for ``lm_head``, which reads one position (T = 1)
+and whose output side is the vocabulary.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -56,6 +62,24 @@ def contrast_matrix(C: int) -> Tensor:
     return torch.cat([torch.eye(C - 1), -torch.ones(C - 1, 1)], dim=1).double()
 
 
+@dataclass(frozen=True)
+class TokenFactors:
+    """A module's per-example contrast Jacobians kept as their token factors,
+    J_c = sum_t g_{t,c} a_t^T: ``g`` (B, K, T, d_out) output gradients, ``a`` (B, T, d_in) inputs
+    (zero at padding)."""
+
+    g: Tensor
+    a: Tensor
+
+    def dense(self) -> Tensor:
+        """The Jacobians (B, K, d_out, d_in)."""
+        return torch.einsum("bkto,bti->bkoi", self.g, self.a)
+
+
+# a module's route: True to keep its Jacobians as token factors, given its name and T
+Route = Callable[[str, int], bool]
+
+
 def contrast_jacobians(
     model: nn.Module,
     batches: Iterable[Any],
@@ -68,12 +92,35 @@ def contrast_jacobians(
     of the K = C - 1 logit contrasts, (B, K, d_out, d_in) in the model's dtype (float32 for
     half-precision models): one forward and K backward passes.
     """
+    yield from _contrast_pass(model, batches, logits_fn, modules, _never, progress, total)
+
+
+def _never(name: str, T: int) -> bool:
+    return False
+
+
+def _contrast_pass(
+    model: nn.Module,
+    batches: Iterable[Any],
+    logits_fn: LogitsFn,
+    modules: dict[str, nn.Linear],
+    tokens: Route,
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[tuple[Tensor, dict[str, Tensor | TokenFactors]]]:
+    """As :func:`contrast_jacobians`, with the modules for which ``tokens(name, T)`` holds
+    returned as :class:`TokenFactors` instead of dense Jacobians."""
     jac: dict[str, list[Tensor]] = {n: [] for n in modules}
+    inputs: dict[str, Tensor] = {}
 
     def on_grad(name: str, a: Tensor, g: Tensor) -> None:
         dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
-        # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
-        jac[name].append(torch.einsum("bto,bti->boi", g.to(dtype), a.to(dtype)))
+        if tokens(name, a.shape[1]):
+            inputs[name] = a.to(dtype)
+            jac[name].append(g.to(dtype))  # (B, T, d_out)
+        else:
+            # per-example Jacobian of one contrast: sum_t g_t a_t^T, (B, d_out, d_in)
+            jac[name].append(torch.bmm(g.to(dtype).transpose(1, 2), a.to(dtype)))
 
     was_training = model.training
     model.eval()
@@ -90,13 +137,37 @@ def contrast_jacobians(
                 D = contrast_matrix(C)  # (K, C)
                 vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
                 output_gradients(logits, vectors, tap.outputs)
-                out = {}
+                out: dict[str, Tensor | TokenFactors] = {}
                 for name in modules:
-                    out[name] = torch.stack(jac[name], dim=1)  # (B, K, d_out, d_in)
+                    parts = jac[name]
+                    stacked = parts[0][:, None] if len(parts) == 1 else torch.stack(parts, 1)
+                    out[name] = (
+                        TokenFactors(stacked, inputs.pop(name)) if name in inputs else stacked
+                    )
                     jac[name].clear()
                 yield logits.detach().double(), out
     finally:
         model.train(was_training)
+
+
+def token_route(post: Posterior | Iterable[Posterior]) -> Route:
+    """The cheaper way to form each module's projections P_c (module docstring): token
+    factors when T (d_out k_g + d_in k_a + k_g k_a) (plus T^2 (d_out + d_in) for the part
+    outside low-rank eigenspaces) is below the cost through J_c. With several posteriors the
+    first holding a module decides."""
+    posts = [post] if isinstance(post, Posterior) else list(post)
+
+    def route(name: str, T: int) -> bool:
+        m = next(p.modules[name] for p in posts if name in p.modules)
+        d_out, d_in, k_g, k_a = m.g.dim, m.a.dim, m.g.rank, m.a.rank
+        via_tokens = T * (d_out * k_g + d_in * k_a + k_g * k_a)
+        via_j = T * d_out * d_in + d_out * d_in * k_a + d_out * k_a * k_g
+        if k_g < d_out or k_a < d_in:
+            via_tokens += T * T * (d_out + d_in)
+            via_j += d_out * d_in
+        return via_tokens < via_j
+
+    return route
 
 
 def jacobian_features(
@@ -116,13 +187,16 @@ def jacobian_features(
     if d.active:
         batches, total = shard(list(batches), d, allow_empty=True), None
     means: list[Tensor] = []
-    groups = None
+    groups: dict[tuple[str, ...], list[_Group]] = {}
     perp: dict[str, list[Tensor]] = {n: [] for n in modules}
     proj: dict[str, list[Tensor]] = {n: [] for n in modules}
-    for logits, jac in contrast_jacobians(model, batches, logits_fn, modules, progress, total):
+    passes = _contrast_pass(model, batches, logits_fn, modules, token_route(post), progress, total)
+    for logits, jac in passes:
         means.append(logits)
-        groups = groups or _groups(post, jac)
-        for group in groups:
+        routes = _routes(jac)
+        if routes not in groups:
+            groups[routes] = _groups(post, jac)
+        for group in groups[routes]:
             p, q = _project(group, jac)
             for i, name in enumerate(group.names):
                 perp[name].append(p[i])
@@ -137,8 +211,11 @@ def jacobian_features(
 @dataclass(frozen=True)
 class _Group:
     """Modules whose projections run as one batched product: same (d_out, d_in), same kept
-    ranks (k_g, k_a) and both sides dense or not. ``qa`` (M, d_in, k_a) and ``qg``
-    (M, d_out, k_g) in the Jacobians' dtype; ``ea`` (M, k_a), ``eg`` (M, k_g) float64."""
+    ranks (k_g, k_a), both sides dense or not, and the same route (``tokens``: from token
+    factors). ``share`` consecutive modules share one input factor (the q_proj and v_proj
+    LoRA-A maps of a layer), so ``qa`` (M / share, d_in, k_a) holds each basis once and each
+    is applied to all their Jacobians in one product; ``qg`` (M, d_out, k_g) in the
+    Jacobians' dtype; ``ea`` (M, k_a), ``eg`` (M, k_g) float64."""
 
     names: tuple[str, ...]
     qa: Tensor
@@ -146,51 +223,96 @@ class _Group:
     ea: Tensor
     eg: Tensor
     dense: bool
+    tokens: bool
+    share: int = 1
 
 
-def _groups(post: Posterior, jac: dict[str, Tensor]) -> list[_Group]:
-    """Group the modules of one batch's Jacobians ``jac`` (name -> (B, K, d_out, d_in)); the
-    bases are converted and stacked once per pass."""
+def _sides(J: Tensor | TokenFactors) -> tuple[tuple[int, int], torch.dtype, bool]:
+    if isinstance(J, TokenFactors):
+        return (J.g.shape[-1], J.a.shape[-1]), J.g.dtype, True
+    return tuple(J.shape[-2:]), J.dtype, False
+
+
+def _routes(jac: dict[str, Tensor | TokenFactors]) -> tuple[str, ...]:
+    """The modules of one batch taken through token factors (the route may change with T)."""
+    return tuple(n for n, J in jac.items() if isinstance(J, TokenFactors))
+
+
+def _groups(post: Posterior, jac: dict[str, Tensor | TokenFactors]) -> list[_Group]:
+    """Group the modules of one batch's Jacobians ``jac`` (name -> (B, K, d_out, d_in) or
+    :class:`TokenFactors`); the bases are converted and stacked once per pass."""
     keys: dict[tuple, list[str]] = {}
     for name, J in jac.items():
         m = post.modules[name]
-        if (m.g.dim, m.a.dim) != tuple(J.shape[-2:]):
+        sides, dtype, tokens = _sides(J)
+        if (m.g.dim, m.a.dim) != sides:
             raise ValueError(
-                f"{name}: Jacobian {tuple(J.shape[-2:])} does not match the posterior's factors "
+                f"{name}: Jacobian {sides} does not match the posterior's factors "
                 f"({m.g.dim}, {m.a.dim}); was the posterior fitted on this adapter?"
             )
         dense = m.a.rank == m.a.dim and m.g.rank == m.g.dim
-        keys.setdefault((J.shape[-2:], m.g.rank, m.a.rank, dense, J.dtype), []).append(name)
+        keys.setdefault((sides, m.g.rank, m.a.rank, dense, dtype, tokens), []).append(name)
+    bases: dict[tuple[int, torch.dtype], Tensor] = {}  # factors shared by modules, converted once
+
+    def basis(f, dtype: torch.dtype) -> Tensor:
+        key = (id(f), dtype)
+        if key not in bases:
+            bases[key] = f.evecs.to(dtype)
+        return bases[key]
+
     out = []
-    for (_, _, _, dense, dtype), names in keys.items():
-        ms = [post.modules[n] for n in names]
-        out.append(
-            _Group(
-                names=tuple(names),
-                qa=torch.stack([m.a.evecs for m in ms]).to(dtype),
-                qg=torch.stack([m.g.evecs for m in ms]).to(dtype),
-                ea=torch.stack([m.a.evals for m in ms]).double(),
-                eg=torch.stack([m.g.evals for m in ms]).double(),
-                dense=dense,
+    for (_, _, _, dense, dtype, tokens), names in keys.items():
+        for share, shared in _by_input_factor(post, names, tokens).items():
+            ms = [post.modules[n] for n in shared]
+            out.append(
+                _Group(
+                    names=tuple(shared),
+                    qa=torch.stack([basis(m.a, dtype) for m in ms[::share]]),
+                    qg=torch.stack([basis(m.g, dtype) for m in ms]),
+                    ea=torch.stack([m.a.evals for m in ms]).double(),
+                    eg=torch.stack([m.g.evals for m in ms]).double(),
+                    dense=dense,
+                    tokens=tokens,
+                    share=share,
+                )
             )
-        )
     return out
 
 
-def _project(group: _Group, jac: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """For the group's per-example contrast Jacobians J (B, K, d_out, d_in) per module: the
-    projections P_c = Q_G^T J_c Q_A, (M, B, K, k_g, k_a), computed in J's dtype (the costly
-    product, d_out d_in k per example, batched over the M modules), and the part of
-    <J_c, J_c'>_F outside the kept eigenspaces, (M, B, K, K), exactly zero when both sides are
-    dense (complete eigenbases); both returned in float64."""
+def _by_input_factor(post: Posterior, names: list[str], tokens: bool) -> dict[int, list[str]]:
+    """``names`` split by how many of them share each input factor (one when ``tokens``), each
+    part ordered so that modules sharing a factor are consecutive."""
+    if tokens:
+        return {1: names}
+    owners: dict[int, list[str]] = {}
+    for n in names:
+        owners.setdefault(id(post.modules[n].a), []).append(n)
+    out: dict[int, list[str]] = {}
+    for shared in owners.values():
+        out.setdefault(len(shared), []).extend(shared)
+    return out
+
+
+def _project(group: _Group, jac: dict[str, Tensor | TokenFactors]) -> tuple[Tensor, Tensor]:
+    """For the group's per-example contrast Jacobians per module: the projections
+    P_c = Q_G^T J_c Q_A, (M, B, K, k_g, k_a), computed in the Jacobians' dtype (the costly
+    product, batched over the M modules), and the part of <J_c, J_c'>_F outside the kept
+    eigenspaces, (M, B, K, K), exactly zero when both sides are dense (complete eigenbases);
+    both returned in float64."""
+    if group.tokens:
+        return _project_tokens(group, [jac[n] for n in group.names])
     names = group.names
     J = jac[names[0]][None] if len(names) == 1 else torch.stack([jac[n] for n in names])
     # J (M, B, K, d_out, d_in)
     M, B, K, d_out, d_in = J.shape
-    k_a, k_g = group.qa.shape[-1], group.qg.shape[-1]
-    X = J.reshape(M, B * K * d_out, d_in) @ group.qa  # (M, B K d_out, k_a)
-    X = X.reshape(M, B * K, d_out, k_a).transpose(-1, -2).reshape(M, B * K * k_a, d_out)
-    proj = (X @ group.qg).reshape(M, B, K, k_a, k_g).transpose(-1, -2).double()
+    U, k_a, k_g = group.qa.shape[0], group.qa.shape[-1], group.qg.shape[-1]
+    if d_out * k_g <= d_in * k_a:  # the small side first, its basis broadcast over examples
+        Y = group.qg.mT[:, None] @ J.reshape(M, B * K, d_out, d_in)  # (M, B K, k_g, d_in)
+        proj = (Y.reshape(U, -1, d_in) @ group.qa).reshape(M, B, K, k_g, k_a).double()
+    else:
+        X = J.reshape(U, -1, d_in) @ group.qa  # (U, share B K d_out, k_a)
+        X = X.reshape(M, B * K, d_out, k_a).transpose(-1, -2).reshape(M, B * K * k_a, d_out)
+        proj = (X @ group.qg).reshape(M, B, K, k_a, k_g).transpose(-1, -2).double()
     if group.dense:
         perp = proj.new_zeros(M, B, K, K)
     else:
@@ -200,14 +322,38 @@ def _project(group: _Group, jac: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return perp, proj
 
 
-def _covariance(perp: Tensor, proj: Tensor, ea: Tensor, eg: Tensor, lam: Tensor) -> Tensor:
-    """Summed over the M modules of a group: perp_m / lambda_m + sum_ij P_ij P'_ij /
-    (a_i g_j + lambda_m), (N, K, K); ``perp`` (M, N, K, K), ``proj`` (M, N, K, k_g, k_a),
-    ``ea`` (M, k_a), ``eg`` (M, k_g), ``lam`` (M,)."""
-    N, K = perp.shape[1:3]
-    w = 1.0 / (eg[:, :, None] * ea[:, None, :] + lam[:, None, None])  # (M, k_g, k_a)
-    P = proj.transpose(0, 1).reshape(N, K, -1)  # (N, K, M k_g k_a)
-    quad = (P * w.reshape(-1)) @ P.transpose(1, 2)
+def _project_tokens(group: _Group, factors: list[TokenFactors]) -> tuple[Tensor, Tensor]:
+    """:func:`_project` from token factors: P_c = sum_t (Q_G^T g_{t,c}) (Q_A^T a_t)^T and
+    <J_c, J_c'>_F = sum_{t,s} (g_{t,c} . g_{s,c'}) (a_t . a_s), never forming J."""
+    G = torch.stack([f.g for f in factors])  # (M, B, K, T, d_out)
+    A = torch.stack([f.a for f in factors])  # (M, B, T, d_in)
+    M, B, K, T, d_out = G.shape
+    d_in, k_a, k_g = A.shape[-1], group.qa.shape[-1], group.qg.shape[-1]
+    gq = (G.reshape(M, B * K * T, d_out) @ group.qg).reshape(M, B, K, T, k_g)
+    aq = (A.reshape(M, B * T, d_in) @ group.qa).reshape(M, B, T, k_a)
+    proj = torch.einsum("mbktg,mbta->mbkga", gq, aq).double()
+    if group.dense:
+        return proj.new_zeros(M, B, K, K), proj
+    Gd, Ad = G.double(), A.double()
+    gg = torch.einsum("mbkto,mbjso->mbkjts", Gd, Gd)  # (M, B, K, K, T, T)
+    jj = torch.einsum("mbkjts,mbts->mbkj", gg, Ad @ Ad.transpose(-1, -2))
+    Pd = proj.reshape(M, B, K, k_g * k_a)
+    return jj - Pd @ Pd.transpose(-1, -2), proj
+
+
+def _weights(ea: Tensor, eg: Tensor, lam: Tensor) -> Tensor:
+    """1 / (a_i g_j + lambda_m), (M, k_g, k_a), from ``ea`` (M, k_a), ``eg`` (M, k_g) and
+    ``lam`` (M,)."""
+    return 1.0 / (eg[:, :, None] * ea[:, None, :] + lam[:, None, None])
+
+
+def _covariance(perp: Tensor, proj: Tensor, w: Tensor, lam: Tensor) -> Tensor:
+    """Summed over the M modules of a group: perp_m / lambda_m + sum_ij P_ij P'_ij w_ij,
+    (N, K, K); ``perp`` (M, N, K, K), ``proj`` (M, N, K, k_g, k_a), ``w`` (M, k_g, k_a) from
+    :func:`_weights`, ``lam`` (M,)."""
+    M, N, K = perp.shape[:3]
+    P = proj.reshape(M, N, K, -1)
+    quad = ((P * w.reshape(M, 1, 1, -1)) @ P.transpose(-1, -2)).sum(0)  # batched over (m, n)
     return quad + (perp / lam[:, None, None, None]).sum(0)
 
 
@@ -223,7 +369,8 @@ def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
     for m_name, m in post.modules.items():
         p, q = features.perp[m_name][None], features.proj[m_name][None]
         lam = _lams(post, (m_name,))
-        cov = cov + _covariance(p, q, m.a.evals[None].double(), m.g.evals[None].double(), lam)
+        w = _weights(m.a.evals[None].double(), m.g.evals[None].double(), lam)
+        cov = cov + _covariance(p, q, w, lam)
     return (cov + cov.transpose(1, 2)) / 2
 
 
@@ -269,21 +416,27 @@ def predict_covariances(
     mods = {n: m for n, m in modules.items() if n in needed}
     means: list[Tensor] = []
     covs: dict[str, list[Tensor]] = {k: [] for k in posts}
-    groups: dict[str, list[_Group]] = {}
-    jacobians = contrast_jacobians(model, batches, logits_fn, mods, progress, total)
+    groups: dict[tuple[str, tuple[str, ...]], list[tuple[_Group, Tensor, Tensor]]] = {}
+    route = token_route(posts.values())
+    jacobians = _contrast_pass(model, batches, logits_fn, mods, route, progress, total)
     for b, (logits, jac) in enumerate(jacobians):
         means.append(logits)
         projected: dict[tuple, tuple[Tensor, Tensor]] = {}  # posteriors sharing factors share these
         for key, post in posts.items():
-            if key not in groups:
-                groups[key] = _groups(post, {n: jac[n] for n in post.modules})
+            routes = (key, _routes(jac))
+            if routes not in groups:  # with each group its weights and prior precisions
+                groups[routes] = [
+                    (g, _weights(g.ea, g.eg, lam), lam)
+                    for g in _groups(post, {n: jac[n] for n in post.modules})
+                    for lam in [_lams(post, g.names)]
+                ]
             cov = 0
-            for group in groups[key]:
+            for group, w, lam in groups[routes]:
                 same = tuple(id(post.modules[n]) for n in group.names)
                 if same not in projected:
                     projected[same] = _project(group, jac)
                 perp, proj = projected[same]
-                cov = cov + _covariance(perp, proj, group.ea, group.eg, _lams(post, group.names))
+                cov = cov + _covariance(perp, proj, w, lam)
             if not torch.isfinite(cov).all():
                 raise NonFiniteError(f"non-finite predictive covariance in batch {b} ({key})")
             covs[key].append((cov + cov.transpose(1, 2)) / 2)
