@@ -44,9 +44,7 @@ def main() -> None:
                 )
                 preds[(model, dataset, step)] = Predictions(probs, labels, ids)
     labels: dict[str, str] = {}  # the paper's column names; a repeated one falls back to the key
-    for d in dict.fromkeys(
-        [*params.datasets, *(t for s in params.datasets for t in params.shifted(s))]
-    ):
+    for d in params.scored():
         label = dataset_label(d, params.dataset(d))
         labels[d] = d if label in labels.values() else label
     trained = {d: labels[d] for d in params.datasets}

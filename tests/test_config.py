@@ -89,6 +89,7 @@ def test_data_paper_is_the_six_datasets_of_the_paper():
     subset = load_section(Params, raw, "")
     # ARC-C is scored (the shift stage prepares its test split) though the study skips it
     assert subset.datasets == ("arc_e", "obqa") and subset.shifted("obqa") == ["arc_c", "arc_e"]
+    assert subset.scored() == ["arc_e", "obqa", "arc_c"]  # trained first, each once
     raw["datasets"] = ["arc_e", "nope"]
     with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
         load_section(Params, raw, "")

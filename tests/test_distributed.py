@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lalora.config import LaunchConfig
-from lalora.distributed import Dist, bounds, shard
+from lalora.distributed import SINGLE, Dist, bounds, map_batches, shard
 from lalora.laplace.marglik import log_marginal_likelihood
 from lalora.laplace.posterior import Posterior
 from lalora.launch import command
@@ -60,6 +60,11 @@ def test_shards_are_contiguous_and_cover_everything():
     with pytest.raises(ValueError, match="2 batches for 3 processes"):
         shard([0, 1], Dist(0, 3))
     assert [shard([0, 1], Dist(r, 3), allow_empty=True) for r in range(3)] == [[0], [1], []]
+
+
+def test_map_batches_passes_global_indices_and_keeps_the_order():
+    out = map_batches(lambda i, x: torch.tensor([[i, x], [i, -x]]), [10, 20, 30], SINGLE)
+    assert out.tolist() == [[0, 10], [0, -10], [1, 20], [1, -20], [2, 30], [2, -30]]
 
 
 def test_launch_runs_python_or_torchrun_from_params():

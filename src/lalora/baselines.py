@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from lalora.distributed import SINGLE, Dist, bounds, cat_or_none, gather_cat, shard
+from lalora.distributed import SINGLE, Dist, map_batches
 from lalora.models import Batch
 
 
@@ -56,27 +56,24 @@ def mc_dropout_probs(
     the LoRA dropout on (everything else in eval mode), seeded per batch by ``seed`` and the
     batch's index (so a split over processes, ``dist``, draws the same masks); the global RNG
     is restored."""
-    d = dist or SINGLE
-    batches = list(batches)
-    first = bounds(len(batches), d)[0] if d.active else 0
-    if d.active:
-        batches = shard(batches, d, allow_empty=True)
     if samples < 1:
         raise ValueError("MC dropout needs samples >= 1")
     dropouts = _lora_dropouts(model)
     if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in dropouts):
         raise ValueError("MC dropout needs LoRA dropout > 0 (the model card's dropout)")
+
+    def probs(index: int, b: Batch) -> Tensor:
+        torch.manual_seed(seed * 1_000_003 + index)
+        return (
+            sum(torch.softmax(logits_fn(model, b).double(), -1) for _ in range(samples)) / samples
+        )
+
     state = torch.get_rng_state()
     was = [m.training for m in dropouts]
     try:
         for m in dropouts:
             m.train()
-        out = []
-        for i, b in enumerate(batches):
-            torch.manual_seed(seed * 1_000_003 + first + i)
-            p = sum(torch.softmax(logits_fn(model, b).double(), -1) for _ in range(samples))
-            out.append(p / samples)
-        return gather_cat(cat_or_none(out), d)
+        return map_batches(probs, list(batches), dist or SINGLE)
     finally:
         for m, w in zip(dropouts, was, strict=True):
             m.train(w)

@@ -370,6 +370,12 @@ class Params:
         entry of ``data``, whether the study trains on it or not)."""
         return list(self.shift.get(source, ()))
 
+    def scored(self) -> list[str]:
+        """Every dataset the study scores on, once each, in order: the trained ``datasets``,
+        then their shift targets."""
+        targets = [t for name in self.datasets for t in self.shifted(name)]
+        return list(dict.fromkeys([*self.datasets, *targets]))
+
     def dataset(self, name: str) -> DataConfig:
         """The data section of dataset ``name``, with a clear error for an unknown name."""
         if name not in self.data:
@@ -457,8 +463,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             "section from conf/config.yaml)"
         )
     params = _from_dict(Params, raw, "")
-    targets = [t for name in params.datasets for t in params.shifted(name)]
-    for name in dict.fromkeys([*params.datasets, *targets]):
+    for name in params.scored():
         data = params.data[name]
         if data.source == "local" and not (path.parent / data.local_dir).is_dir():
             raise ConfigError(

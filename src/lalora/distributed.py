@@ -11,6 +11,7 @@ plain ``python``, everything here is the identity and no process group exists.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -139,6 +140,15 @@ def gather_cat(t: Tensor | None, d: Dist, dim: int = 0) -> Tensor:
 def cat_or_none(parts: list[Tensor]) -> Tensor | None:
     """``torch.cat(parts)``, None for an empty shard (see :func:`gather_cat`)."""
     return torch.cat(parts) if parts else None
+
+
+def map_batches(fn: Callable[[int, T], Tensor], items: list[T], d: Dist) -> Tensor:
+    """``fn(index, item)`` (per-example rows) over this rank's contiguous share of ``items``,
+    ``index`` being the item's position in ``items`` (for per-batch seeds that do not depend
+    on the split); every rank returns the rows of all items, in order. A rank may get none."""
+    lo = bounds(len(items), d)[0]
+    mine = shard(items, d, allow_empty=True)
+    return gather_cat(cat_or_none([fn(lo + i, x) for i, x in enumerate(mine)]), d)
 
 
 def barrier(d: Dist) -> None:

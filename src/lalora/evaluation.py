@@ -21,7 +21,7 @@ from torch import Tensor
 from lalora.baselines import fit_temperature, mc_dropout_probs
 from lalora.config import Params
 from lalora.data import read_split
-from lalora.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
+from lalora.distributed import SINGLE, Dist, map_batches
 from lalora.errors import ArtifactError
 from lalora.io import read_json
 from lalora.laplace.posterior import Posterior
@@ -104,8 +104,7 @@ def evaluate_split(
     if "temperature" in cfg.methods:
         v = load_split_run(params, model_name, adapter, val, cfg.batch_size)
         with torch.no_grad():
-            mine = shard(v.batches, d, allow_empty=True) if d.active else v.batches
-            val_logits = gather_cat(cat_or_none([v.logits_fn(v.model, b) for b in mine]), d)
+            val_logits = map_batches(lambda _, b: v.logits_fn(v.model, b), v.batches, d)
         t, edge = fit_temperature(val_logits, v.labels)
         probs["temperature"] = torch.softmax(mean / t, -1)
         info["temperature"] = {"T": t, "at_edge": edge}

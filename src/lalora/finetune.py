@@ -22,8 +22,9 @@ the global batch size) and the LoRA gradients are summed over the ranks before t
 so every rank holds the same weights and the result equals the 1-process run's to float32
 round-off. The LoRA dropout masks are drawn per example from a generator keyed by (seed, step,
 position in the global batch, module) (:class:`KeyedDropout`), so they do not depend on N
-either, and any other randomness is reseeded from (seed, step, rank) at each step: a run resumes
-exactly, and may resume with another N. Rank 0 alone writes checkpoints.
+either, and any other randomness is reseeded at each step from (seed, step, first row of the
+rank's share): a run resumes exactly, and may resume with another N. Rank 0 alone writes
+checkpoints.
 """
 
 from __future__ import annotations

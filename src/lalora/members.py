@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lalora.config import Params
 from lalora.data import DataError, read_split
-from lalora.distributed import SINGLE, Dist, gather_cat, shard
+from lalora.distributed import SINGLE, Dist, map_batches
 from lalora.finetune import train
 from lalora.models import answer_token_ids, attach_lora, load_card_model
 from lalora.pipeline import batches, fingerprint, map_probs
@@ -59,8 +59,7 @@ def train_member(
     model.eval()
     examples = list(test.examples)
     test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length))
-    mine = shard(test_batches, d, allow_empty=True)  # all of them in a single process
     ids = answer_token_ids(tok, test.answers)
-    probs = gather_cat(map_probs(model, mine, ids) if mine else None, d)
+    probs = map_batches(lambda _, b: map_probs(model, [b], ids), test_batches, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return probs, labels, [e.id for e in examples]

@@ -88,7 +88,7 @@ class DenseAccumulator:
     def update(self, rows: Tensor) -> None:  # rows (m, d)
         if rows.dtype in (torch.float16, torch.bfloat16):
             rows = rows.float()
-        self.sum += (rows.T @ rows).to(self.sum.device, DTYPE)  # on the host
+        self.sum.add_((rows.T @ rows).to(self.sum.device))  # on the host, cast in the add
 
     def reduce(self, dist: Dist) -> None:
         all_reduce_(self.sum, dist)
