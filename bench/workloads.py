@@ -164,7 +164,7 @@ def forward_backward(s: Setup) -> float:
 
     modules = lora_modules(s.model)
     total = 0.0
-    with lora_grad_enabled(modules), Tap(modules, lambda *_: None) as tap:
+    with lora_grad_enabled(modules), Tap(modules, lambda *_: None, mask_grads=False) as tap:
         for b in s.test:
             tap.mask = b.attention_mask
             logits = answer_logits(s.model, b, s.answer_ids)  # (B, 2)
