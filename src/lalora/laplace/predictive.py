@@ -39,7 +39,7 @@ from lalora.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
 from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kfac import LogitsFn
-from lalora.laplace.posterior import Posterior
+from lalora.laplace.posterior import ModuleFactors, Posterior
 
 
 class Link(StrEnum):
@@ -155,10 +155,13 @@ def token_route(post: Posterior | Iterable[Posterior]) -> Route:
     factors when T (d_out k_g + d_in k_a + k_g k_a) (plus T^2 (d_out + d_in) for the part
     outside low-rank eigenspaces) is below the cost through J_c. With several posteriors the
     first holding a module decides."""
-    posts = [post] if isinstance(post, Posterior) else list(post)
+    factors: dict[str, ModuleFactors] = {}
+    for p in [post] if isinstance(post, Posterior) else post:
+        for name, m in p.modules.items():
+            factors.setdefault(name, m)
 
     def route(name: str, T: int) -> bool:
-        m = next(p.modules[name] for p in posts if name in p.modules)
+        m = factors[name]
         d_out, d_in, k_g, k_a = m.g.dim, m.a.dim, m.g.rank, m.a.rank
         via_tokens = T * (d_out * k_g + d_in * k_a + k_g * k_a)
         via_j = T * d_out * d_in + d_out * d_in * k_a + d_out * k_a * k_g
@@ -357,6 +360,12 @@ def _covariance(perp: Tensor, proj: Tensor, w: Tensor, lam: Tensor) -> Tensor:
     return quad + (perp / lam[:, None, None, None]).sum(0)
 
 
+def _with_weights(post: Posterior, group: _Group) -> tuple[_Group, Tensor, Tensor]:
+    """The group with its weights (:func:`_weights`) and prior precisions (M,) under ``post``."""
+    lam = _lams(post, group.names)
+    return group, _weights(group.ea, group.eg, lam), lam
+
+
 def _lams(post: Posterior, names: tuple[str, ...]) -> Tensor:
     return torch.tensor([post.prior_precision[n] for n in names], dtype=torch.float64)
 
@@ -424,12 +433,9 @@ def predict_covariances(
         projected: dict[tuple, tuple[Tensor, Tensor]] = {}  # posteriors sharing factors share these
         for key, post in posts.items():
             routes = (key, _routes(jac))
-            if routes not in groups:  # with each group its weights and prior precisions
-                groups[routes] = [
-                    (g, _weights(g.ea, g.eg, lam), lam)
-                    for g in _groups(post, {n: jac[n] for n in post.modules})
-                    for lam in [_lams(post, g.names)]
-                ]
+            if routes not in groups:
+                found = _groups(post, {n: jac[n] for n in post.modules})
+                groups[routes] = [_with_weights(post, g) for g in found]
             cov = 0
             for group, w, lam in groups[routes]:
                 same = tuple(id(post.modules[n]) for n in group.names)
