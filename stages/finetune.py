@@ -13,6 +13,7 @@ from lalora.finetune import train
 from lalora.io import atomic_write_text
 from lalora.models import answer_token_ids, attach_lora, load_card_model
 from lalora.pipeline import fingerprint
+from lalora.provenance import code_fingerprint
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
         raise DataError(f"{args.data}: no training examples; check data.* in params.yaml")
     tok, base = load_card_model(card, seed=params.finetune.seed)
     model = attach_lora(base, card, seed=params.finetune.seed)
-    run_id = fingerprint(card, params.finetune, args.data)
+    # the run: model card, schedule, data, and the code and libraries that train it
+    run_id = fingerprint(card, params.finetune, args.data, code_fingerprint(Path(__file__)))
     result = train(
         model,
         tok,

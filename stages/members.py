@@ -13,6 +13,7 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.io import atomic_write_json, save_predictions
 from lalora.members import train_member
+from lalora.provenance import code_fingerprint
 
 
 def main() -> None:
@@ -28,10 +29,11 @@ def main() -> None:
     params = load_params(args.params)
     dist = init()
     seeds = params.ensemble.seeds(params.finetune)
+    code = code_fingerprint(Path(__file__))
     args.out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         probs, labels, ids = train_member(
-            params, args.model, args.train, args.test, args.out / f"seed-{seed}", seed, dist
+            params, args.model, args.train, args.test, args.out / f"seed-{seed}", seed, code, dist
         )
         if not dist.main:
             continue

@@ -8,12 +8,17 @@ Checkpoint layout (``{out}/step-{N}/``), written to a staging folder and renamed
 - ``trainer.safetensors``: AdamW moments and the torch RNG state (no pickle anywhere);
 - ``trainer.json``: step, scheduler and optimizer hyperparameters, the run fingerprint, losses.
 
-A run is identified by a fingerprint of everything that determines its result. A folder that
-holds another run is moved aside whole (``{out}.stale-<fingerprint>``, printed), never deleted,
-so a resumed run never mixes two configurations. A checkpoint that does not load (a truncated
-file) is skipped with a warning and training resumes from the last intact one; staging folders
-of a killed save are removed on start. A non-finite loss or weight stops the run, naming the
-step, before anything is saved.
+A run is identified by a fingerprint of everything that determines its result (the stage
+computes it from the model card, the schedule, the data, the code and the library versions:
+:func:`lalora.provenance.code_fingerprint`). A folder that holds another run is moved aside whole
+(``{aside}/{out.name}.stale-<fingerprint>``, printed), never deleted, so a resumed run never
+mixes two configurations. ``trainer.json`` records the sha256 of every other file of its
+checkpoint; a checkpoint that does not load (a truncated file) or whose files differ from what was
+saved (edited or replaced by hand) is moved aside with every later one
+(``{aside}/{out.name}.rejected/``, printed, with a warning naming the file) and training resumes
+from the last intact checkpoint before it, so no result ever comes from weights this program did
+not write. Staging folders of a killed save are removed on start. A non-finite loss or weight
+stops the run, naming the step, before anything is saved.
 
 Data parallel (:mod:`lalora.distributed`, N processes under ``torchrun``): every rank tokenises
 the whole global batch of :func:`batch_indices` (so padding is that of the 1-process run) and
@@ -29,6 +34,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -52,7 +58,8 @@ from lalora.models import Batch, answer_logits, encode
 
 # what a checkpoint means; checkpoints of another version are moved aside, never resumed from.
 # 2: LoRA dropout masks keyed per example (KeyedDropout), randomness reseeded per step
-FORMAT_VERSION = 2
+# 3: trainer.json records the sha256 of the checkpoint's other files
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "scheduler": sched.state_dict(),
         "losses": losses,
+        "files": file_digests(tmp),
     }
     (tmp / "trainer.json").write_text(json.dumps(meta))
     publish_dir(tmp, final)
@@ -143,14 +151,53 @@ class CorruptCheckpointWarning(UserWarning):
     """A checkpoint folder does not load; training resumes from an earlier one."""
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_digests(ckpt: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of a checkpoint folder but ``trainer.json``."""
+    return {
+        p.relative_to(ckpt).as_posix(): _sha256(p)
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p != ckpt / "trainer.json"
+    }
+
+
+def verify_checkpoint(ckpt: Path, recorded: dict[str, str]) -> None:
+    """The files of ``ckpt`` must be exactly those whose sha256 ``trainer.json`` recorded at
+    save time; else an :class:`ArtifactError` naming the first file that differs."""
+    found = file_digests(ckpt)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            problem = "missing (the checkpoint lists it)"
+        elif name not in recorded:
+            problem = "not written by finetune (added after the save)"
+        elif found[name] != recorded[name]:
+            problem = (
+                f"its contents differ from those saved (sha256 {found[name][:12]}, saved "
+                f"{recorded[name][:12]}): edited or replaced after training"
+            )
+        else:
+            continue
+        raise ArtifactError(ckpt / name, problem, "finetune")
+
+
 def read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``trainer.json``, ``trainer.safetensors`` and the adapter weights of one checkpoint; an
-    unreadable file raises :class:`ArtifactError` naming it."""
+    """``trainer.json``, ``trainer.safetensors`` and the adapter weights of one checkpoint,
+    verified against the sha256 recorded at save time; an unreadable, edited or replaced file
+    raises :class:`ArtifactError` naming it."""
     meta_path = ckpt / "trainer.json"
     try:
         meta = json.loads(meta_path.read_text())
-        for key in ("step", "fingerprint", "optimizer", "scheduler", "losses"):
+        for key in ("step", "fingerprint", "optimizer", "scheduler", "losses", "files"):
             meta[key]  # a presence check
+        if not isinstance(meta["files"], dict):
+            raise TypeError("'files' is not a mapping")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ArtifactError(
             meta_path, f"unreadable ({type(err).__name__}: {err})", "finetune"
@@ -159,6 +206,7 @@ def read_checkpoint(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str
     if "rng.torch" not in tensors:
         raise ArtifactError(ckpt / "trainer.safetensors", "no 'rng.torch' entry", "finetune")
     adapter = _load_safetensors(ckpt / "adapter" / "adapter_model.safetensors")
+    verify_checkpoint(ckpt, meta["files"])
     return meta, tensors, adapter
 
 
@@ -178,23 +226,28 @@ def _fingerprint_of(ckpt: Path) -> tuple[str, int] | None:
         return None
 
 
-def move_aside(out: Path, fingerprint: str) -> Path:
-    """Rename ``out`` to a free ``{out}.stale-<fingerprint>[-k]`` next to it; returns it."""
-    dest = out.with_name(f"{out.name}.stale-{fingerprint}")
+def move_aside(out: Path, name: str, into: Path | None = None) -> Path:
+    """Rename ``out`` to a free ``{into}/{name}[-k]`` (``into``: ``out``'s folder); returns it."""
+    parent = out.parent if into is None else into
+    parent.mkdir(parents=True, exist_ok=True)
+    dest = parent / name
     k = 1
     while dest.exists():
         k += 1
-        dest = out.with_name(f"{out.name}.stale-{fingerprint}-{k}")
+        dest = parent / f"{name}-{k}"
     os.replace(out, dest)
     return dest
 
 
-def latest_checkpoint(out: Path, fingerprint: str) -> int | None:
-    """The last intact checkpoint step of this run in ``out``, or None.
+def latest_checkpoint(out: Path, fingerprint: str, aside: Path | None = None) -> int | None:
+    """The step to resume this run from: its last checkpoint in ``out`` such that it and every
+    earlier one load and match their recorded sha256; None to start afresh.
 
     A folder holding checkpoints of another run (another fingerprint or format) is moved aside
-    whole, and the move printed. A checkpoint of this run that does not load is skipped with a
-    :class:`CorruptCheckpointWarning` (it is rewritten when training reaches its step again).
+    whole into ``aside`` (default: ``out``'s folder), and the move printed. The first checkpoint
+    of this run that fails to load or verify is moved, with every later one, into
+    ``{aside}/{out.name}.rejected/``, with a :class:`CorruptCheckpointWarning` naming the file;
+    training rewrites them from the last intact one.
     """
     if not out.exists():
         return None
@@ -210,22 +263,32 @@ def latest_checkpoint(out: Path, fingerprint: str) -> int | None:
     }
     if foreign:
         old = sorted(foreign)[0][0]
-        dest = move_aside(out, old)
+        dest = move_aside(out, f"{out.name}.stale-{old}", aside)
         print(
             f"finetune: {out} holds checkpoints of another configuration (run {old}); "
             f"moved it to {dest} (delete it when no longer needed)",
             file=sys.stderr,
         )
         return None
-    for step in sorted(found, reverse=True):
+    steps = sorted(found)
+    last = None
+    for i, step in enumerate(steps):
         try:
             read_checkpoint(checkpoint_dir(out, step))
-            return step
         except ArtifactError as err:
+            rejected = (out.parent if aside is None else aside) / f"{out.name}.rejected"
+            moved = [move_aside(checkpoint_dir(out, s), f"step-{s}", rejected) for s in steps[i:]]
+            again = "from scratch" if last is None else f"from step {last}"
             warnings.warn(
-                f"skipping checkpoint step {step}: {err}", CorruptCheckpointWarning, stacklevel=2
+                f"rejected checkpoint step {step}: {err}; moved it and the {len(moved) - 1} "
+                f"later one(s) to {rejected} (delete them when no longer needed); training "
+                f"again {again}",
+                CorruptCheckpointWarning,
+                stacklevel=2,
             )
-    return None
+            break
+        last = step
+    return last
 
 
 def mix(*parts: int) -> int:
@@ -346,6 +409,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     dist: Dist | None = None,
+    aside: Path | None = None,
 ) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` (a PEFT model), checkpointing into ``out``.
 
@@ -353,6 +417,8 @@ def train(
     ``on_step(step)`` is called after each completed step (tests use it to interrupt a run).
     ``dist``: the process group's rank and size (default: the running one, see
     :mod:`lalora.distributed`); each rank must get at least one row of every batch.
+    ``aside``: where runs of another fingerprint and rejected checkpoints are moved (default:
+    ``out``'s folder; it must lie outside any DVC output that ``out`` is part of).
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -367,7 +433,7 @@ def train(
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     losses: list[tuple[int, float]] = []
     # rank 0 inspects (and tidies) the folder; the others take its answer
-    start = all_gather_objects(latest_checkpoint(out, fingerprint) if d.main else None, d)[0]
+    start = all_gather_objects(latest_checkpoint(out, fingerprint, aside) if d.main else None, d)[0]
     if start is None:
         torch.manual_seed(cfg.seed)
         if d.main:

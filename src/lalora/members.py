@@ -28,12 +28,16 @@ def train_member(
     test_path: Path,
     out: Path,
     seed: int,
+    code: str,
     dist: Dist | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Fine-tune ``model_name`` on ``train_path`` as ``finetune`` says but with ``seed``
-    (checkpoints in ``out``, resumed like the study's own run), and return its final MAP
+    (checkpoints in ``out``, resumed like the study's own run whose fingerprint, with ``code``
+    the stage's :func:`~lalora.provenance.code_fingerprint`, matches), and return its final MAP
     probabilities (N, C), the labels (N,) and the example ids of ``test_path``; data parallel
-    over ``dist``'s processes, each of which returns the whole result."""
+    over ``dist``'s processes, each of which returns the whole result. ``out`` lies in the
+    stage's tracked folder of members (``.../members/seed-<s>``): a stale or rejected run is
+    moved outside it, into ``.../members.stale/``, so DVC's cache never keeps it."""
     import torch
 
     d = dist or SINGLE
@@ -52,9 +56,10 @@ def train_member(
         answer_token_ids(tok, split.answers),
         cfg,
         out,
-        fingerprint(card, cfg, train_path),
+        fingerprint(card, cfg, train_path, code),
         progress=d.main,
         dist=d,
+        aside=out.parent.with_name(f"{out.parent.name}.stale"),
     )
     model.eval()
     examples = list(test.examples)

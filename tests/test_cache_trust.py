@@ -1,0 +1,135 @@
+"""The cache never serves stale results: persistent state outside DVC's cache is reused only
+when everything that determines it matches, code and hand edits included."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lalora.finetune import CorruptCheckpointWarning, latest_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_reliability import ROOT, tiny_params, tiny_train, tree_bytes
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """The project's code (src/ and stages/) in a folder of its own, so a test may edit it."""
+    proj = tmp_path / "proj"
+    for name in ("src", "stages"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return proj
+
+
+def _run(proj: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(proj / "src")}
+    res = subprocess.run(
+        [sys.executable, str(proj / "stages" / script), *args],
+        cwd=proj, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_a_change_to_the_fine_tuning_code_retrains(tmp_path):
+    """Flip the labels in the loss: finetune must not return the old run's weights."""
+    proj = _project_copy(tmp_path)
+    params = tiny_params(proj)
+    prep = ("--params", str(params), "--dataset", "generated", "--out", "data/generated")
+    _run(proj, "prepare.py", *prep)
+    args = ("--params", str(params), "--model", "tiny", "--data", "data/generated/train.jsonl",
+            "--out", "ckpt", "--loss-csv", "loss.csv")  # fmt: skip
+    _run(proj, "finetune.py", *args)
+    adapter = proj / "ckpt" / "step-4" / "adapter" / "adapter_model.safetensors"
+    before, losses = adapter.read_bytes(), (proj / "loss.csv").read_text()
+    assert _run(proj, "finetune.py", *args).stderr.count("another configuration") == 0
+    assert adapter.read_bytes() == before  # same code: resumed, nothing retrained
+
+    code = proj / "src" / "lalora" / "finetune.py"
+    text = code.read_text()
+    line = 'cross_entropy(logits, part.labels, reduction="sum")'
+    assert line in text
+    code.write_text(text.replace(line, 'cross_entropy(logits, 1 - part.labels, reduction="sum")'))
+    res = _run(proj, "finetune.py", *args)
+    assert "holds checkpoints of another configuration" in res.stderr
+    assert adapter.read_bytes() != before
+    assert (proj / "loss.csv").read_text() != losses
+    stale = [p for p in proj.iterdir() if p.name.startswith("ckpt.stale-")]
+    assert len(stale) == 1 and (stale[0] / "step-4" / "adapter").is_dir()
+
+
+def _add_noise(path: Path) -> None:
+    weights = load_file(str(path))
+    name = sorted(k for k in weights if "lora_A" in k)[0]
+    weights[name] = weights[name] + 1e-3 * torch.randn_like(weights[name])
+    save_file(weights, str(path))
+
+
+@pytest.mark.parametrize("step, resume", [(4, 2), (2, 0)])
+def test_an_edited_checkpoint_is_rejected_and_retrained_from_the_last_intact_one(
+    tmp_path, step, resume
+):
+    full = tmp_path / "full"
+    tiny_train(full)
+    out = tmp_path / "c"
+    tiny_train(out)
+    path = out / f"step-{step}" / "adapter" / "adapter_model.safetensors"
+    _add_noise(path)  # still a valid safetensors file
+    with pytest.warns(CorruptCheckpointWarning, match=rf"{path.name}: its contents differ"):
+        assert latest_checkpoint(out, "run-1") == resume
+    rejected = tmp_path / "c.rejected"
+    assert sorted(p.name for p in rejected.iterdir()) == [f"step-{s}" for s in (2, 4) if s >= step]
+    tiny_train(out)
+    assert tree_bytes(out) == tree_bytes(full)  # the edit never becomes a result
+
+
+def test_a_file_added_to_a_checkpoint_is_rejected(tmp_path):
+    out = tmp_path / "c"
+    tiny_train(out)
+    (out / "step-4" / "adapter" / "extra.safetensors").write_bytes(b"x")
+    with pytest.warns(CorruptCheckpointWarning, match="extra.safetensors: not written by"):
+        assert latest_checkpoint(out, "run-1") == 2
+
+
+def test_checkpoints_record_the_sha256_of_their_files(tmp_path):
+    out = tmp_path / "c"
+    tiny_train(out)
+    meta = json.loads((out / "step-2" / "trainer.json").read_text())
+    assert set(meta["files"]) == {
+        "trainer.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+        "adapter/README.md",
+    }  # fmt: skip
+    import hashlib
+
+    blob = (out / "step-2" / "trainer.safetensors").read_bytes()
+    assert meta["files"]["trainer.safetensors"] == hashlib.sha256(blob).hexdigest()
+
+
+def test_a_member_run_of_other_code_is_moved_outside_the_tracked_folder(tmp_path):
+    from lalora.config import load_params
+    from lalora.members import train_member
+
+    params_path = tiny_params(tmp_path)
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "prepare.py"), "--params", str(params_path),
+         "--dataset", "generated", "--out", str(tmp_path / "data" / "generated")],
+        cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    params = load_params(params_path)
+    data = tmp_path / "data" / "generated"
+    members = tmp_path / "members"
+    args = (params, "tiny", data / "train.jsonl", data / "test.jsonl", members / "seed-1", 1)
+    first = train_member(*args, "code-a")[0]
+    assert torch.equal(train_member(*args, "code-a")[0], first)
+    train_member(*args, "code-b")
+    assert [p.name for p in members.iterdir()] == ["seed-1"]  # nothing stale inside
+    moved = list((tmp_path / "members.stale").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("seed-1.stale-")
