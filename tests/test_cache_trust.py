@@ -133,3 +133,107 @@ def test_a_member_run_of_other_code_is_moved_outside_the_tracked_folder(tmp_path
     assert [p.name for p in members.iterdir()] == ["seed-1"]  # nothing stale inside
     moved = list((tmp_path / "members.stale").iterdir())
     assert len(moved) == 1 and moved[0].name.startswith("seed-1.stale-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw data: digests, relative folders in experiment workspaces, splits
+
+
+def test_the_source_digest_changes_with_a_raw_file(tmp_path):
+    from lalora.config import DataConfig
+    from lalora.data import source_digest
+
+    folder = tmp_path / "wino"
+    folder.mkdir()
+    rec = {"qID": "q", "sentence": "The _ flew.", "option1": "bird", "option2": "stone"}
+    for split in ("train_s", "dev"):
+        (folder / f"{split}.jsonl").write_text(json.dumps({**rec, "answer": "1"}) + "\n")
+    cfg = DataConfig(
+        name="winogrande", source="local", local_dir=str(folder), train_split="train_s",
+        test_split="dev", n_train=1, n_test=1, val_size=0,
+    )  # fmt: skip
+    before = source_digest(cfg)
+    assert set(before["files"]) == {"train_s.jsonl", "dev.jsonl"}
+    (folder / "dev.jsonl").write_text(json.dumps({**rec, "answer": "2"}) + "\n")
+    after = source_digest(cfg)
+    assert after["files"]["dev.jsonl"] != before["files"]["dev.jsonl"]
+    assert after["files"]["train_s.jsonl"] == before["files"]["train_s.jsonl"]
+
+
+def test_relative_folders_resolve_beside_the_project_from_an_experiment_workspace(tmp_path):
+    from lalora.paths import project_root, resolve_dir
+
+    project = tmp_path / "proj"
+    workspace = project / ".dvc" / "tmp" / "exps" / "tmpab12"
+    assert project_root(workspace) == project and project_root(project) == project
+    # leaving the project: beside the project, not inside .dvc/tmp/exps
+    assert resolve_dir("../shared/data/arc", workspace) == tmp_path / "shared" / "data" / "arc"
+    assert resolve_dir("../shared/data/arc", project) == tmp_path / "shared" / "data" / "arc"
+    # inside the project: the experiment's own copy
+    assert resolve_dir("tinydata/obqa", workspace) == workspace / "tinydata" / "obqa"
+    assert resolve_dir("/abs/x", workspace) == Path("/abs/x")
+
+
+def test_params_in_an_experiment_workspace_find_the_data_beside_the_project(tmp_path):
+    from lalora.config import load_params
+
+    project = tmp_path / "proj"
+    (tmp_path / "mydata").mkdir()
+    workspace = project / ".dvc" / "tmp" / "exps" / "tmpab12"
+    workspace.mkdir(parents=True)
+    path = tiny_params(workspace)
+    raw = __import__("yaml").safe_load(path.read_text())
+    raw["data"]["obqa"] = {
+        "name": "obqa", "source": "local", "local_dir": "../mydata", "n_train": 4,
+        "n_test": 2, "val_size": 1,
+    }  # fmt: skip
+    raw["datasets"] = ["obqa"]
+    path.write_text(__import__("yaml").safe_dump(raw))
+    assert load_params(path).datasets == ("obqa",)
+
+
+def test_training_on_the_test_split_is_refused_and_split_from_is_disjoint(tmp_path):
+    from lalora.config import ConfigError, DataConfig
+    from lalora.data import load_splits
+
+    with pytest.raises(ConfigError, match=r"both 'dev': that trains on the test.*split_from"):
+        DataConfig(name="boolq", source="local", local_dir="x", train_split="dev", test_split="dev")
+    folder = tmp_path / "boolq"
+    folder.mkdir()
+    rows = [
+        {"idx": i, "question": f"is {i} even", "passage": f"{i} is a number.", "answer": i % 2 == 0}
+        for i in range(30)
+    ]
+    (folder / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(
+        name="boolq", source="local", local_dir=str(folder), split_from="dev", n_train=20,
+        n_test=8, val_size=4, seed=3,
+    )  # fmt: skip
+    train, test = load_splits(cfg)
+    assert len(train) == 20 and len(test) == 8
+    assert not {e.id for e in train} & {e.id for e in test}
+    assert load_splits(cfg) == (train, test)  # seeded
+    too_many = DataConfig(**{**cfg.__dict__, "n_train": 25})
+    with pytest.raises(Exception, match=r"n_test is 33 but split_from 'dev' has 30"):
+        load_splits(too_many)
+
+
+def test_repeated_arc_choice_labels_are_refused_with_file_and_line(tmp_path):
+    from lalora.data import DataError, load_local
+
+    choices = [{"text": t, "label": lab} for t, lab in zip("wxyz", "ABBD", strict=True)]
+    good = {
+        "id": "a",
+        "question": {
+            "stem": "Which?",
+            "choices": choices[:1]
+            + [{"text": t, "label": lab} for t, lab in zip("xyz", "BCD", strict=True)],
+        },
+        "answerKey": "A",
+    }
+    bad = {"id": "b", "question": {"stem": "Which?", "choices": choices}, "answerKey": "B"}
+    for split in ("Train", "Test"):
+        path = tmp_path / f"ARC-Easy-{split}.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"ARC-Easy-Train.jsonl:2: choice labels .* repeat a label"):
+        load_local("arc_e", tmp_path, "train")

@@ -48,8 +48,11 @@ def sh(args: list[str], cwd: Path, env: dict) -> str:
 
 
 def repro(repo: Path, env: dict) -> set[str]:
+    """The stages ``dvc repro`` ran, but ``sources`` (it hashes the raw data at every repro)."""
     out = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
-    return set(re.findall(r"Running stage '([^']+)'", out))
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert "sources" in ran
+    return ran - {"sources"}
 
 
 def edit_params(repo: Path, fn) -> None:
@@ -136,9 +139,10 @@ def shifted(tmp_path_factory):
     """A data=paper-shaped study: two four-choice datasets, the first shifted to the second."""
 
     def paper_like(repo, params):
+        # the raw files live beside the project, as ../shared/data does
         for kind in ("obqa", "arc"):
-            (repo / "tinydata" / kind).mkdir(parents=True)
-            four_choice_files(repo / "tinydata" / kind, kind, seed=len(kind))
+            (repo.parent / f"{repo.name}-data" / kind).mkdir(parents=True)
+            four_choice_files(repo.parent / f"{repo.name}-data" / kind, kind, seed=len(kind))
         params["models"] = ["tiny-a"]
         params["zoo"] = {"tiny-a": {**TINY, "arch": "llama"}}
         common = dict(
@@ -146,8 +150,8 @@ def shifted(tmp_path_factory):
             val_size=4, seed=0,
         )  # fmt: skip
         params["data"] = {
-            "obqa": {**common, "name": "obqa", "local_dir": "tinydata/obqa"},
-            "arc_e": {**common, "name": "arc_e", "local_dir": "tinydata/arc"},
+            "obqa": {**common, "name": "obqa", "local_dir": f"../{repo.name}-data/obqa"},
+            "arc_e": {**common, "name": "arc_e", "local_dir": f"../{repo.name}-data/arc"},
         }
         # arc_small: a shift target the study does not train on (no prepare stage)
         params["data"]["arc_small"] = {**params["data"]["arc_e"], "n_test": 4, "seed": 1}
@@ -304,13 +308,35 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     assert (repo / "models" / "tiny-a" / "obqa" / "members" / "seed-1" / "step-2").is_dir()
     assert repro(repo, env) == set()
 
+    # a raw data file is a dependency: flip every answer of ARC's test file, and exactly the
+    # stages that read ARC's test split rerun, with the new labels
+    raw = repo.parent / f"{repo.name}-data" / "arc" / "ARC-Easy-Test.jsonl"
+    rows = [json.loads(line) for line in raw.read_text().splitlines()]
+    for row in rows:
+        row["answerKey"] = "ABCD"[("ABCD".index(row["answerKey"]) + 1) % 4]
+    raw.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    old = [json.loads(line)["label"] for line in split_lines(repo, "arc_e")]
+    ran = repro(repo, env)
+    assert {"prepare@arc_e", "evaluate@tiny-a-arc_e-2", "shift@tiny-a-obqa"} <= ran
+    assert not any(s.startswith(("finetune", "export", "fit_kfac", "tune_prior")) for s in ran)
+    assert not any(s.endswith(("obqa-0", "obqa-2")) or s == "prepare@obqa" for s in ran), ran
+    new = [json.loads(line)["label"] for line in split_lines(repo, "arc_e")]
+    assert new == [(label + 1) % 4 for label in old]
+    assert repro(repo, env) == set()
 
-def test_queued_experiments_run_two_at_once_and_both_land(repo):
+
+def split_lines(repo: Path, dataset: str) -> list[str]:
+    return (repo / "data" / dataset / "test.jsonl").read_text().splitlines()[1:]
+
+
+def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     """``dvc exp run --queue`` twice and ``dvc queue start --jobs 2``: both experiments run at
-    the same time (each in its own workspace) and ``dvc exp show`` lists both with metrics."""
+    the same time (each in its own workspace under .dvc/tmp/exps, where the relative raw-data
+    folder ../<repo>-data still resolves beside the project) and ``dvc exp show`` lists both
+    with metrics."""
     import time
 
-    repo, env = repo
+    repo, env = shifted
     repro(repo, env)
     dvc = [sys.executable, "-m", "dvc"]
     # -S edits params.yaml itself here (this tiny params.yaml is not the composition of conf/)

@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from lalora.errors import UserError
+from lalora.paths import resolve_dir
 
 T = TypeVar("T")
 
@@ -33,6 +34,8 @@ _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 # names that cannot be models: predictions/<name>/ is another stage's folder
 RESERVED = ("members", "shift")
+# names that cannot be datasets: data/<name>/ is another stage's folder
+RESERVED_DATA = ("sources",)
 
 
 def check_plain_name(key: str, value: str) -> None:
@@ -96,8 +99,14 @@ class DataConfig:
     (a seeded subset in file order when fewer than the split holds).
 
     ``source`` is ``generated`` (the project's own task), ``hub`` (HuggingFace ``datasets``) or
-    ``local`` (a folder of the official files, ``local_dir``, relative to the project root).
-    ``val_size`` examples are carved from train (seeded) for prior tuning on validation NLL.
+    ``local`` (a folder of the official files, ``local_dir``, relative to the project root,
+    :func:`lalora.paths.resolve_dir`). ``val_size`` examples are carved from train (seeded) for
+    prior tuning on validation NLL.
+
+    Training on the test split is refused (``train_split == test_split``). Where one split is all
+    there is (BoolQ's local ``dev``), ``split_from: dev`` draws train (``n_train``) and test
+    (``n_test``) as a seeded, disjoint partition of it: a split of our own, not the benchmark's
+    official protocol (``train_split`` and ``test_split`` are then not read).
     """
 
     name: str = "generated"
@@ -109,10 +118,22 @@ class DataConfig:
     n_test: int = 500
     val_size: int = 100
     seed: int = 0
+    split_from: str = ""
 
     def __post_init__(self) -> None:
         for key in ("name", "train_split", "test_split"):
             check_plain_name(key, getattr(self, key))
+        if self.split_from:
+            check_plain_name("split_from", self.split_from)
+            if self.source == "generated":
+                raise ConfigError("split_from: the generated task has no splits to divide")
+        elif self.source != "generated" and self.train_split == self.test_split:
+            raise ConfigError(
+                f"train_split and test_split are both {self.train_split!r}: that trains on the "
+                f"test prompts. Name two splits, or set split_from: {self.train_split} for a "
+                "seeded, disjoint split of it into n_train and n_test examples (not the "
+                "official protocol)"
+            )
         if self.source == "local" and not self.local_dir:
             raise ConfigError("local_dir: source 'local' needs the folder of the data files")
         if self.n_train < 1 or self.n_test < 1:
@@ -329,6 +350,11 @@ class Params:
             raise ConfigError("datasets: the list is empty; name at least one entry of data")
         for name in self.data:
             check_plain_name(f"data.{name}", name)
+            if name in RESERVED_DATA:
+                raise ConfigError(
+                    f"data.{name}: {name!r} is reserved (data/{name}/ holds the source stage's "
+                    "digests); rename the dataset"
+                )
         for name in self.datasets:
             check_plain_name("datasets", name)
             if name not in self.data:
@@ -465,10 +491,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     params = _from_dict(Params, raw, "")
     for name in params.scored():
         data = params.data[name]
-        if data.source == "local" and not (path.parent / data.local_dir).is_dir():
+        folder = resolve_dir(data.local_dir, path.parent)
+        if data.source == "local" and not folder.is_dir():
             raise ConfigError(
-                f"data.{name}.local_dir: {data.local_dir!r} is not a folder "
-                f"(looked in {(path.parent / data.local_dir).resolve()})"
+                f"data.{name}.local_dir: {data.local_dir!r} is not a folder (looked in {folder})"
             )
     return params
 

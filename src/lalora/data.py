@@ -22,6 +22,7 @@ from pathlib import Path
 from lalora.config import DataConfig
 from lalora.errors import UserError
 from lalora.generated import GenerationError, generate_task
+from lalora.paths import resolve_dir
 from lalora.qa import ABCD_ANSWERS, BOOL_ANSWERS, QAFormatError, boolq_prompt, four_choice_prompt
 
 WINOGRANDE_PROMPT = (
@@ -187,8 +188,8 @@ def _parse_all(spec: DatasetSpec, rows: Iterable[tuple[int, dict]], where: str) 
     return out
 
 
-def load_local(name: str, folder: Path, split: str) -> list[Example]:
-    """Examples of one split of dataset ``name`` from a folder of its official files."""
+def local_path(name: str, folder: Path, split: str) -> Path:
+    """The official file of one split of dataset ``name`` in ``folder`` (checked to exist)."""
     spec = _spec(name)
     if spec is None:
         raise DataError(f"dataset {name!r} is generated, not read from files")
@@ -204,14 +205,21 @@ def load_local(name: str, folder: Path, split: str) -> list[Example]:
         if name == "boolq" and split == "train":
             hint = (
                 " BoolQ's training split is not among the local files (only dev.jsonl is "
-                "shipped): use data.source=hub (google/boolq), or a folder that has it."
+                "shipped): use data.source=hub (google/boolq), a folder that has it, or "
+                "split_from: dev (a seeded split of dev, not the official protocol)."
             )
         raise DataError(
             f"dataset {name!r} has no local split {split!r}; local splits: {sorted(files)}.{hint}"
         )
     if not path.exists():
         raise DataError(f"{name} split {split!r} not found: looked for {path.resolve()}")
-    examples = _parse_all(spec, read_jsonl(path), str(path))
+    return path
+
+
+def load_local(name: str, folder: Path, split: str) -> list[Example]:
+    """Examples of one split of dataset ``name`` from a folder of its official files."""
+    path = local_path(name, folder, split)
+    examples = _parse_all(_spec(name), read_jsonl(path), str(path))
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty or every record was dropped)")
     return examples
@@ -239,8 +247,51 @@ def load_winogrande_local(folder: Path, split: str) -> list[Example]:
     return load_local("winogrande", folder, split)
 
 
+def read_splits(cfg: DataConfig) -> list[str]:
+    """The splits a data config reads: ``[split_from]``, or ``[train_split, test_split]``."""
+    return [cfg.split_from] if cfg.split_from else [cfg.train_split, cfg.test_split]
+
+
+def source_files(cfg: DataConfig, root: Path = Path(".")) -> list[Path]:
+    """The local files a data config reads (none for the generated task and the hub)."""
+    if cfg.source != "local":
+        return []
+    folder = resolve_dir(cfg.local_dir, root)
+    return [local_path(cfg.name, folder, s) for s in dict.fromkeys(read_splits(cfg))]
+
+
+def source_digest(cfg: DataConfig, root: Path = Path(".")) -> dict:
+    """What the prepared splits of ``cfg`` are made from: the sha256 and size of each local file
+    it reads (a changed file changes the digest), or the hub dataset and splits."""
+    out: dict = {"name": cfg.name, "source": cfg.source, "splits": read_splits(cfg)}
+    if cfg.source == "local":
+        out["files"] = {
+            p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in source_files(cfg, root)
+        }
+    elif cfg.source == "hub":
+        spec = _spec(cfg.name)
+        out["hub"] = list(spec.hub) if spec is not None else None
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_split(cfg: DataConfig, split: str, root: Path) -> list[Example]:
+    if cfg.source == "local":
+        return load_local(cfg.name, resolve_dir(cfg.local_dir, root), split)
+    if cfg.source == "hub":
+        return load_hub(cfg.name, split)
+    raise DataError(f"dataset {cfg.name!r} cannot be read from source {cfg.source!r}")
+
+
 def load_splits(cfg: DataConfig, root: Path = Path(".")) -> tuple[list[Example], list[Example]]:
-    """Load ``(train, test)`` examples for the configured dataset."""
+    """Load ``(train, test)`` examples for the configured dataset (``root``: the project, or an
+    experiment's workspace, that relative folders start from)."""
     spec = _spec(cfg.name)
     if spec is None:
         if cfg.source != "generated":
@@ -253,16 +304,30 @@ def load_splits(cfg: DataConfig, root: Path = Path(".")) -> tuple[list[Example],
             [winogrande_prompt(r, f"generated train {i}") for i, r in enumerate(train)],
             [winogrande_prompt(r, f"generated test {i}") for i, r in enumerate(test)],
         )
-    if cfg.source == "local":
-        folder = root / cfg.local_dir
-        train, test = (load_local(cfg.name, folder, s) for s in (cfg.train_split, cfg.test_split))
-    elif cfg.source == "hub":
-        train, test = (load_hub(cfg.name, s) for s in (cfg.train_split, cfg.test_split))
-    else:
-        raise DataError(f"dataset {cfg.name!r} cannot be read from source {cfg.source!r}")
+    if cfg.split_from:
+        return partition(_load_split(cfg, cfg.split_from, root), cfg)
+    train, test = (_load_split(cfg, s, root) for s in (cfg.train_split, cfg.test_split))
     return (
         subsample(train, cfg.n_train, cfg.seed, f"data.n_train ({cfg.train_split})"),
         subsample(test, cfg.n_test, cfg.seed + 1, f"data.n_test ({cfg.test_split})"),
+    )
+
+
+def partition(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], list[Example]]:
+    """``split_from``: a seeded, disjoint (train, test) of ``n_train`` and ``n_test`` examples of
+    one split, each in file order."""
+    need = cfg.n_train + cfg.n_test
+    if need > len(examples):
+        raise DataError(
+            f"data.n_train + data.n_test is {need} but split_from {cfg.split_from!r} has "
+            f"{len(examples)} examples"
+        )
+    order = list(range(len(examples)))
+    random.Random(cfg.seed + 2).shuffle(order)
+    test_idx, train_idx = set(order[: cfg.n_test]), set(order[cfg.n_test : need])
+    return (
+        [e for i, e in enumerate(examples) if i in train_idx],
+        [e for i, e in enumerate(examples) if i in test_idx],
     )
 
 

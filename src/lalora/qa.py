@@ -75,6 +75,8 @@ def four_choice_prompt(record: dict, where: str) -> tuple[str, str, int] | None:
     question, texts, labels = _question_and_choices(record, where)
     if len(texts) != 4:
         return None
+    if len(set(labels)) != len(labels):
+        raise QAFormatError(f"{where}: choice labels {labels} repeat a label")
     key = str(_field(record, "answerKey", where))
     if key not in labels:
         raise QAFormatError(f"{where}: answerKey {key!r} is not one of the labels {labels}")

@@ -1,0 +1,29 @@
+"""Stage sources: the digest of every scored dataset's raw data (``{out}/<dataset>.json``: the
+sha256 of each local file it reads). It runs at every ``dvc repro`` (``always_changed``) and takes
+a moment; ``prepare@<dataset>`` depends on its dataset's digest, so an edited or replaced data
+file reruns exactly the stages of that dataset (and ``shift``, which depends on ``data``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lalora.cli import run
+from lalora.config import load_params
+from lalora.data import source_digest
+from lalora.io import atomic_write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="a folder")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    root = Path(args.params).parent
+    for name in params.scored():
+        atomic_write_json(args.out / f"{name}.json", source_digest(params.dataset(name), root))
+
+
+if __name__ == "__main__":
+    run(main)
