@@ -102,8 +102,6 @@ def main() -> None:
     dist = init()
     pr = params.prior
     post = centre_prior(params, args, Posterior.load(args.kfac))
-    if pr.method == "val_nll" and pr.structure != "scalar":
-        raise ConfigError("prior.method val_nll supports prior.structure scalar only")
     val = validation_features(params, args, post)  # split over the processes
     if not dist.main:
         return finish(dist)

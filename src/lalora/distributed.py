@@ -47,6 +47,17 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def check_backend(backend: str) -> None:
+    """NCCL runs on CUDA GPUs only: refuse it, naming the key, where there is none."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        from lalora.config import ConfigError
+
+        raise ConfigError(
+            "launch.backend is nccl, and this machine has no CUDA GPU: use launch.backend auto "
+            "(gloo on the CPU) or gloo"
+        )
+
+
 def init() -> Dist:
     """Join the process group that ``torchrun`` set up (once); :data:`SINGLE` without one."""
     import torch.distributed as dist
@@ -56,6 +67,7 @@ def init() -> Dist:
         return SINGLE
     if not dist.is_initialized():
         backend = default_backend()
+        check_backend(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
@@ -82,7 +94,9 @@ def shard(items: list[T], d: Dist, what: str = "batches", allow_empty: bool = Fa
     """This rank's contiguous share of ``items``; every rank must get at least one unless
     ``allow_empty`` (then the last ranks may get none when there are fewer items than ranks)."""
     if len(items) < d.world and not allow_empty:
-        raise ValueError(
+        from lalora.config import ConfigError
+
+        raise ConfigError(
             f"{len(items)} {what} for {d.world} processes: every process needs at least one "
             "(lower launch.nproc_per_node or the batch size)"
         )

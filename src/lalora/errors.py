@@ -23,6 +23,7 @@ class ArtifactError(UserError):
         self.path = Path(path)
         self.stage = stage
         super().__init__(
-            f"{path}: {problem}. It is written by the {stage} stage: rerun it "
-            f"(dvc repro --force {stage}) or delete the file and run dvc repro."
+            f"{path}: {problem}. It is written by the {stage} stage: rerun that stage alone "
+            f"(dvc repro -s -f {stage}@<its name>; dvc status lists the names) or delete the "
+            "file and run dvc repro."
         )

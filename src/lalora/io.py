@@ -10,6 +10,20 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share(path: str | Path, folder: bool = False) -> None:
+    """Give a temporary file (``mkstemp``: 0600) or folder (``mkdtemp``: 0700) the permissions
+    of a plain ``open``/``mkdir`` under the user's umask, so a team's shared folder stays
+    readable by the team."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -18,6 +32,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        share(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,7 +64,9 @@ def staging_dir(final: Path) -> Path:
     """A fresh temporary folder ``.{name}.staging-XXXXXXXX`` next to ``final`` for
     :func:`publish_dir` (``.dvcignore`` keeps such folders out of DVC outputs)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{STAGING}"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{STAGING}"))
+    share(tmp, folder=True)
+    return tmp
 
 
 def clean_staging(parent: Path, name: str) -> list[Path]:
@@ -115,6 +132,7 @@ def save_predictions(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        share(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lalora.config import LaunchConfig, load_params
+from lalora.distributed import check_backend
 
 
 def command(script: str, args: list[str], launch: LaunchConfig) -> tuple[list[str], dict]:
@@ -51,7 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     from lalora.cli import run
 
     found: dict[str, LaunchConfig] = {}
-    run(lambda: found.update(launch=load_params(params_path(args)).launch), [script])
+
+    def read() -> None:
+        launch = load_params(params_path(args)).launch
+        if launch.nproc_per_node > 1 and launch.backend != "auto":
+            check_backend(launch.backend)
+        found["launch"] = launch
+
+    run(read, [script])
     cmd, env = command(script, args, found["launch"])
     if found["launch"].nproc_per_node > 1:
         print(f"launch: {found['launch'].nproc_per_node} processes (torchrun) for {script}")

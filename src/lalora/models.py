@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,32 +55,88 @@ def cache_root() -> Path:
     return Path(os.environ.get("LALORA_CACHE", Path.home() / ".cache" / "lalora"))
 
 
+# written last into a dequantised folder: its files' sizes (and the sha256 of the small ones)
+CACHE_MARKER = "lalora-complete.json"
+_HASHED_BELOW = 64 << 20
+
+
+def _cache_manifest(folder: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CACHE_MARKER:
+            entry: dict = {"bytes": path.stat().st_size}
+            if entry["bytes"] < _HASHED_BELOW:
+                entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.name] = entry
+    return out
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why a dequantised folder cannot be used (None when it is complete): no completion marker
+    (a folder of an older version, or an interrupted write), or a file whose size or sha256
+    differs from the marker's (truncated or replaced)."""
+    import json
+
+    marker = folder / CACHE_MARKER
+    try:
+        recorded = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{marker} is missing or unreadable"
+    found = _cache_manifest(folder)
+    for name, entry in recorded.items():
+        if name not in found:
+            return f"{folder / name} is missing"
+        if found[name] != entry:
+            return f"{folder / name} differs from what was written (truncated or replaced)"
+    return None
+
+
 @lru_cache(maxsize=4)
 def dequantised_gguf(package: str, gguf_file: str) -> Path:
     """A standard transformers folder (float32 safetensors and tokenizer) of a GGUF file.
 
     Dequantising the GGUF takes ~15 s and reading its tokenizer ~5 s; every stage loads the
     model, so the result is kept, keyed by the sha256 of the GGUF file, and written atomically,
-    under a file lock (the first of several concurrent processes writes it).
+    under a file lock (the first of several concurrent processes writes it), with a completion
+    marker last (:data:`CACHE_MARKER`) that every load verifies: a folder that fails it is
+    rebuilt, under the lock.
     """
     from filelock import FileLock
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lalora.io import publish_dir, staging_dir
 
     src = package_dir(package) / gguf_file
     if not src.exists():
         raise ModelError(f"GGUF file not found: {src}")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     folder = cache_root() / f"{Path(gguf_file).stem}-{digest}"
-    if (folder / "config.json").exists():
+    if folder.is_dir() and cache_problem(folder) is None:
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # concurrent first use (ranks, queued experiments): one process writes, the others wait
-    with FileLock(folder.with_name(f".{folder.name}.lock")):
-        if (folder / "config.json").exists():
-            return folder
-        tmp = staging_dir(folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # concurrent first use (ranks, queued experiments): one process writes, the others wait
+        with FileLock(folder.with_name(f".{folder.name}.lock")):
+            problem = cache_problem(folder) if folder.exists() else None
+            if folder.exists() and problem is None:
+                return folder
+            if problem is not None:
+                print(f"lalora: {problem}; rebuilding {folder}", file=sys.stderr)
+            _dequantise(src, gguf_file, folder)
+    except OSError as err:
+        raise ModelError(
+            f"cannot write the dequantised model cache {folder} ({err.strerror or err}): set "
+            "LALORA_CACHE to a writable folder with about 4x the GGUF file's size free"
+        ) from None
+    return folder
+
+
+def _dequantise(src: Path, gguf_file: str, folder: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lalora.io import publish_dir, staging_dir
+
+    tmp = staging_dir(folder)
+    try:
         AutoTokenizer.from_pretrained(src.parent, gguf_file=gguf_file).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(
             src.parent, gguf_file=gguf_file, dtype=torch.float32
@@ -89,8 +146,13 @@ def dequantised_gguf(package: str, gguf_file: str) -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
-        publish_dir(tmp, folder)
-    return folder
+        (tmp / CACHE_MARKER).write_text(json.dumps({"files": _cache_manifest(tmp)}, indent=1))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, folder)
 
 
 def hub_offline() -> bool:

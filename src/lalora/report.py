@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from lalora.config import DataConfig
-from lalora.io import atomic_write_json, atomic_write_text
+from lalora.io import atomic_write_json, atomic_write_text, share
 
 METRICS = ("acc", "nll", "ece")
 METHODS = {"map": "MAP", "laplace": "Laplace"}
@@ -188,6 +188,7 @@ def _save(fig, path: Path) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    share(tmp)
     os.replace(tmp, path)
 
 
