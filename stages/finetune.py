@@ -12,7 +12,7 @@ from lalora.distributed import finish, init
 from lalora.finetune import train
 from lalora.io import atomic_write_text
 from lalora.models import answer_token_ids, attach_lora, load_card_model
-from lalora.pipeline import fingerprint
+from lalora.pipeline import fingerprint, truncation
 from lalora.provenance import code_fingerprint
 
 
@@ -32,6 +32,7 @@ def main() -> None:
     if not split.examples:
         raise DataError(f"{args.data}: no training examples; check data.* in params.yaml")
     tok, base = load_card_model(card, seed=params.finetune.seed)
+    truncation(tok, split.examples, params.finetune.max_length, f"finetune {args.data}")
     model = attach_lora(base, card, seed=params.finetune.seed)
     # the run: model card, schedule, data, and the code and libraries that train it
     run_id = fingerprint(card, params.finetune, args.data, code_fingerprint(Path(__file__)))

@@ -378,3 +378,87 @@ def test_outputs_keep_the_users_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o664
     assert folder.stat().st_mode & 0o777 == 0o775
+
+
+# ---------------------------------------------------------------------------------------------
+# A prompt over finetune.max_length keeps its instruction, choices and "Answer:"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from lalora.config import ModelCard
+    from lalora.models import load_tokenizer
+
+    return load_tokenizer(ModelCard(source="tiny", arch="llama"))
+
+
+def _decoded(tok, prompt, cut, max_length):
+    from lalora.models import encode
+
+    batch = encode(tok, [prompt], [0], max_length, cuts=[cut])
+    assert batch.input_ids.shape[1] <= max_length
+    return tok.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+
+
+def test_a_long_boolq_prompt_loses_the_end_of_its_passage_only(tok):
+    from lalora.qa import boolq_prompt
+
+    passage = " ".join(f"word{i}" for i in range(200))
+    record = {"question": "is the sky blue", "passage": passage, "answer": True}
+    _, prompt, _, cut = boolq_prompt(record, "f:1")
+    text = _decoded(tok, prompt, cut, 64)
+    assert text.startswith("Answer the question with only True or False: is the sky blue Context:")
+    assert "word0 word1" in text and "word199" not in text
+    assert len(tok(prompt)["input_ids"]) > 64
+
+
+def test_a_long_question_loses_its_start_and_keeps_the_choices(tok):
+    from lalora.qa import four_choice_prompt
+
+    stem = " ".join(f"clause{i}" for i in range(120)) + " which is it?"
+    choices = [
+        {"text": t, "label": lab} for t, lab in zip(["ab", "cd", "ef", "gh"], "ABCD", strict=True)
+    ]
+    record = {"id": "q", "question": {"stem": stem, "choices": choices}, "answerKey": "B"}
+    _, prompt, _, cut = four_choice_prompt(record, "f:1")
+    text = _decoded(tok, prompt, cut, 60)
+    assert text.startswith("Select one of the choices that answers the following question:")
+    assert text.endswith("which is it? Choices: A. Ab. B. Cd. C. Ef. D. Gh. Answer:")
+    assert "clause0 " not in text
+
+
+def test_a_prompt_whose_fixed_parts_exceed_the_limit_is_refused(tok):
+    from lalora.models import PromptTooLongError, encode
+    from lalora.qa import four_choice_prompt
+
+    choices = [{"text": "x " * 40, "label": lab} for lab in "ABCD"]
+    record = {"id": "q", "question": {"stem": "Which?", "choices": choices}, "answerKey": "B"}
+    _, prompt, _, cut = four_choice_prompt(record, "f:1")
+    with pytest.raises(PromptTooLongError, match=r"fixed parts .* alone take \d+, more than"):
+        encode(tok, [prompt], [0], 64, cuts=[cut])
+    with pytest.raises(PromptTooLongError, match="no part that may be shortened"):
+        encode(tok, [prompt], [0], 64)
+
+
+def test_short_prompts_encode_as_the_tokenizer_pads_them(tok):
+    from lalora.models import encode
+
+    prompts = ["Question one? Answer:", "A longer question two, with more words? Answer:"]
+    batch = encode(tok, prompts, [0, 1], 64, cuts=[(0, 8, "end"), None])
+    ref = tok(prompts, padding=True, return_tensors="pt")
+    assert torch.equal(batch.input_ids, ref["input_ids"])
+    assert torch.equal(batch.attention_mask, ref["attention_mask"])
+
+
+def test_the_shortened_prompts_are_counted(tok, capsys):
+    from lalora.data import Example
+    from lalora.pipeline import truncation
+
+    long = "w " * 100 + "end. Answer:"
+    examples = [
+        Example("a", "short. Answer:", 0, (0, 6, "end")),
+        Example("b", long, 1, (0, 200, "end")),
+    ]
+    out = truncation(tok, examples, 32, "finetune train.jsonl")
+    assert out["prompts"] == 1 and out["of"] == 2 and out["max_tokens"] > 0
+    assert "1 of 2 prompts exceed finetune.max_length 32" in capsys.readouterr().err

@@ -40,8 +40,9 @@ def official(labels: list[str], key: str, n: int = 4) -> dict:
 
 
 def test_four_choice_prompt_is_the_papers():
-    qid, prompt, label = four_choice_prompt(official(list("ABCD"), "C"), "f:1")
+    qid, prompt, label, cut = four_choice_prompt(official(list("ABCD"), "C"), "f:1")
     assert (qid, label) == ("q1", 2)
+    assert prompt[cut[0] : cut[1]] == "Which surface is warmest?" and cut[2] == "end"
     assert prompt == (
         "Select one of the choices that answers the following question: Which surface is warmest? "
         "Choices: A. Dry palms. B. Wet palms. C. Palms covered with oil. D. Palms covered with "
@@ -66,17 +67,19 @@ def test_four_choice_prompt_is_the_papers():
         },
         "answerKey": "C",
     }
-    assert four_choice_prompt(hub, "hub:0") == (qid, prompt, label)
+    assert four_choice_prompt(hub, "hub:0") == (qid, prompt, label, cut)
     with pytest.raises(ValueError, match=r"f:5: answerKey 'E' is not one of"):
         four_choice_prompt(official(list("ABCD"), "E"), "f:5")
 
 
 def test_boolq_prompt_and_answers():
     record = {"question": "is it true", "passage": "It is.", "answer": True, "title": "t"}
-    assert boolq_prompt(record, "f:1")[1:] == (
+    _, prompt, label, cut = boolq_prompt(record, "f:1")
+    assert (prompt, label) == (
         "Answer the question with only True or False: is it true Context: It is.",
         1,
     )
+    assert prompt[cut[0] : cut[1]] == "It is." and cut[2] == "start"  # the passage's end goes
     with pytest.raises(ValueError, match="f:2: field 'answer' must be true or false"):
         boolq_prompt({**record, "answer": "yes"}, "f:2")
     assert answers_of("boolq") == (" False", " True")

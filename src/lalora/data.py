@@ -24,7 +24,14 @@ from lalora.config import DataConfig
 from lalora.errors import UserError
 from lalora.generated import GenerationError, generate_task
 from lalora.paths import resolve_dir
-from lalora.qa import ABCD_ANSWERS, BOOL_ANSWERS, QAFormatError, boolq_prompt, four_choice_prompt
+from lalora.qa import (
+    ABCD_ANSWERS,
+    BOOL_ANSWERS,
+    QAFormatError,
+    boolq_prompt,
+    fill,
+    four_choice_prompt,
+)
 
 WINOGRANDE_PROMPT = (
     "Select one of the choices that answers the following question: {sentence} "
@@ -39,11 +46,15 @@ class DataError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One prepared multiple-choice example."""
+    """One prepared multiple-choice example. ``cut``: ``(start, end, keep)``, the character span
+    of the part of ``prompt`` that may be shortened when it exceeds ``finetune.max_length``
+    tokens (the question, BoolQ's passage) and which end of it to keep
+    (:func:`lalora.models.encode`); None: the prompt is never cut."""
 
     id: str
     prompt: str
     label: int
+    cut: tuple[int, int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,11 @@ def winogrande_prompt(record: dict, where: str) -> Example:
     answer = str(record["answer"])
     if answer not in ("1", "2"):
         raise DataError(f"{where}: answer must be '1' or '2', got {answer!r}")
-    prompt = WINOGRANDE_PROMPT.format(
-        sentence=sentence, option1=record["option1"], option2=record["option2"]
-    )
-    return Example(id=str(record.get("qID", where)), prompt=prompt, label=int(answer) - 1)
+    prompt, cut = fill(
+        WINOGRANDE_PROMPT, "sentence", "end",
+        sentence=sentence, option1=record["option1"], option2=record["option2"],
+    )  # fmt: skip
+    return Example(str(record.get("qID", where)), prompt, int(answer) - 1, cut)
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -110,18 +122,19 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 class DatasetSpec:
     """A benchmark: its answer strings, its local files by split name (``{split}`` is replaced
     by the split name), where ``datasets`` finds it on the hub, and the record parser
-    (``record, where -> (id, prompt, label)``, or None for a record the preparation drops)."""
+    (``record, where -> (id, prompt, label, cut)``, or None for a record the preparation
+    drops)."""
 
     answers: tuple[str, ...]
     local_file: dict[str, str] | str
     hub: tuple[str, str | None]
     hub_split: dict[str, str]
-    parse: Callable[[dict, str], tuple[str, str, int] | None]
+    parse: Callable[[dict, str], tuple[str, str, int, tuple] | None]
 
 
-def _winogrande(record: dict, where: str) -> tuple[str, str, int]:
+def _winogrande(record: dict, where: str) -> tuple[str, str, int, tuple | None]:
     e = winogrande_prompt(record, where)
-    return e.id, e.prompt, e.label
+    return e.id, e.prompt, e.label, e.cut
 
 
 def _arc_files(kind: str) -> dict[str, str]:
@@ -185,7 +198,7 @@ def _parse_all(spec: DatasetSpec, rows: Iterable[tuple[int, dict]], where: str) 
         except QAFormatError as err:
             raise DataError(str(err)) from None
         if parsed is not None:
-            out.append(Example(id=parsed[0], prompt=parsed[1], label=parsed[2]))
+            out.append(Example(*parsed))
     return out
 
 
@@ -386,6 +399,15 @@ def write_split(path: Path, examples: Iterable[Example], answers: tuple[str, ...
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def _cut(raw, prompt: str) -> tuple[int, int, str] | None:
+    if raw is None:
+        return None
+    start, end, keep = raw
+    if not (0 <= int(start) <= int(end) <= len(prompt)) or keep not in ("start", "end"):
+        raise ValueError("not a span of the prompt with keep 'start' or 'end'")
+    return int(start), int(end), str(keep)
+
+
 def read_split(path: Path) -> Split:
     """Read a prepared split written by :func:`write_split`."""
     if not path.exists():
@@ -397,9 +419,12 @@ def read_split(path: Path) -> Split:
     examples = []
     for i, r in rows[1:]:
         try:
-            ex = Example(id=str(r["id"]), prompt=str(r["prompt"]), label=int(r["label"]))
+            cut = r.get("cut")
+            ex = Example(str(r["id"]), str(r["prompt"]), int(r["label"]), _cut(cut, r["prompt"]))
         except KeyError as err:
             raise DataError(f"{path}:{i}: missing field {err}") from None
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{path}:{i}: malformed field 'cut' {r.get('cut')!r} ({err})") from None
         if not 0 <= ex.label < len(answers):
             raise DataError(f"{path}:{i}: label {ex.label} out of range for {len(answers)} answers")
         examples.append(ex)

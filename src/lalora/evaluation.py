@@ -100,7 +100,7 @@ def evaluate_split(
     probs = {"map": torch.softmax(mean, -1)}
     for key, cov in covs.items():
         probs[key] = predictive_probs(mean, cov, pred.link, pred.samples, pred.seed)
-    info: dict = {}
+    info: dict = {"truncated": run.truncated}
     if "temperature" in cfg.methods:
         v = load_split_run(params, model_name, adapter, val, cfg.batch_size)
         with torch.no_grad():

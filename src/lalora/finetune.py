@@ -390,6 +390,7 @@ def _step(
         [examples[i].prompt for i in idx],
         [examples[i].label for i in idx],
         cfg.max_length,
+        cuts=[examples[i].cut for i in idx],
     )
     for drop in dropouts:
         drop.keys = [mix(cfg.seed, step, j) for j in range(lo, hi)]

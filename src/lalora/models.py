@@ -203,7 +203,7 @@ def _gguf_tokenizer(package: str, gguf_file: str):
 
 
 def load_tokenizer(card: ModelCard):
-    """The card's tokenizer, with a pad token and left truncation (keeps ``Answer:``)."""
+    """The card's tokenizer, with a pad token (prompts are shortened by :func:`encode`)."""
     from transformers import AutoTokenizer
 
     if card.source == "hub":
@@ -213,7 +213,6 @@ def load_tokenizer(card: ModelCard):
         tok = _gguf_tokenizer(package, card.gguf_file or SMOLLM2_GGUF)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.truncation_side = "left"
     tok.padding_side = "right"
     return tok
 
@@ -384,15 +383,75 @@ def answer_token_ids(tokenizer, answers: tuple[str, ...]) -> list[int]:
     return ids
 
 
+class PromptTooLongError(UserError, ValueError):
+    """A prompt exceeds ``finetune.max_length`` tokens and cannot be shortened enough."""
+
+
+Cut = tuple[int, int, str]  # (start, end, keep): the characters that may go, and what stays
+
+
+def shorten(ids: list[int], offsets: list[tuple[int, int]], cut: Cut | None, max_length: int,
+            what: str) -> list[int]:  # fmt: skip
+    """``ids`` (one prompt's tokens, with their character ``offsets``) cut to ``max_length``
+    by dropping tokens inside the span ``cut`` only: its first tokens when ``keep`` is
+    ``"end"``, its last when ``"start"``. Everything outside the span (the instruction, the
+    choices, ``Answer:``) stays; a prompt whose fixed parts alone exceed ``max_length``, or
+    that has no span, is refused naming ``what``."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids
+    if cut is None:
+        raise PromptTooLongError(
+            f"{what} has {len(ids)} tokens, more than finetune.max_length {max_length}, and no "
+            "part that may be shortened: raise finetune.max_length"
+        )
+    start, end, keep = cut
+    inside = [j for j, (a, b) in enumerate(offsets) if start <= a and b <= end and a < b]
+    if len(inside) < excess:
+        raise PromptTooLongError(
+            f"{what} has {len(ids)} tokens and its fixed parts (instruction, choices, "
+            f"'Answer:') alone take {len(ids) - len(inside)}, more than finetune.max_length "
+            f"{max_length}: raise finetune.max_length"
+        )
+    drop = set(inside[:excess] if keep == "end" else inside[len(inside) - excess :])
+    return [t for j, t in enumerate(ids) if j not in drop]
+
+
+def tokenize(
+    tokenizer, prompts: list[str], max_length: int, cuts: list[Cut | None] | None = None,
+    names: list[str] | None = None,
+) -> tuple[list[list[int]], list[int]]:  # fmt: skip
+    """Each prompt's token ids, shortened to ``max_length`` by :func:`shorten` (``cuts``: one
+    span or None per prompt; ``names``: how an error names a prompt), and the number of tokens
+    cut from each."""
+    cuts = cuts or [None] * len(prompts)
+    enc = tokenizer(prompts, return_offsets_mapping=True, add_special_tokens=True)
+    out, removed = [], []
+    for i, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], strict=True)):
+        what = f"prompt {names[i]!r}" if names else f"prompt {prompts[i][:60]!r}..."
+        short = shorten(list(ids), [tuple(o) for o in offsets], cuts[i], max_length, what)
+        out.append(short)
+        removed.append(len(ids) - len(short))
+    return out, removed
+
+
 def encode(
-    tokenizer, prompts: list[str], labels: list[int], max_length: int, padding_side: str = "right"
-) -> Batch:
-    """Tokenise prompts into a padded batch (left-truncated to ``max_length``)."""
-    tokenizer.padding_side = padding_side
-    enc = tokenizer(
-        prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor(labels, dtype=torch.long))
+    tokenizer, prompts: list[str], labels: list[int], max_length: int, padding_side: str = "right",
+    cuts: list[Cut | None] | None = None,
+) -> Batch:  # fmt: skip
+    """Tokenise prompts into a padded batch of at most ``max_length`` positions: a longer
+    prompt loses tokens of its ``cuts`` span only (:func:`shorten`; the question's start, or
+    BoolQ's passage end), never its instruction, choices or ``Answer:``."""
+    rows, _ = tokenize(tokenizer, prompts, max_length, cuts)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return Batch(ids, mask, torch.tensor(labels, dtype=torch.long))
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:

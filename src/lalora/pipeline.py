@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,16 +36,40 @@ from lalora.models import (
     load_adapter,
     load_card_model,
     lora_modules,
+    tokenize,
 )
 
 
 def batches(
     tokenizer, examples: list[Example] | tuple[Example, ...], batch_size: int, max_length: int
 ) -> Iterator[Batch]:
-    """Consecutive tokenised batches of ``examples`` (right padding)."""
+    """Consecutive tokenised batches of ``examples`` (right padding; a prompt over
+    ``max_length`` tokens loses part of its question or passage only, see :func:`encode`)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        yield encode(tokenizer, [e.prompt for e in chunk], [e.label for e in chunk], max_length)
+        prompts, labels = [e.prompt for e in chunk], [e.label for e in chunk]
+        yield encode(tokenizer, prompts, labels, max_length, cuts=[e.cut for e in chunk])
+
+
+def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: str) -> dict:
+    """How many of ``examples`` exceed ``max_length`` tokens and are shortened, printed when
+    any is: ``{"prompts": n, "of": N, "max_tokens": most tokens cut from one}``. A prompt that
+    cannot be shortened enough stops here, naming it (:func:`lalora.models.shorten`)."""
+    _, removed = tokenize(
+        tokenizer, [e.prompt for e in examples], max_length, [e.cut for e in examples],
+        [e.id for e in examples],
+    )  # fmt: skip
+    cut = [r for r in removed if r]
+    out = {"prompts": len(cut), "of": len(examples), "max_tokens": max(cut, default=0)}
+    if cut:
+        print(
+            f"{what}: {len(cut)} of {len(examples)} prompts exceed finetune.max_length "
+            f"{max_length} tokens and are shortened by up to {out['max_tokens']} tokens (their "
+            "question's start, or the end of a BoolQ passage; instruction, choices and "
+            "'Answer:' are kept)",
+            file=sys.stderr,
+        )
+    return out
 
 
 def logits_fn(answer_ids: list[int]):
@@ -63,14 +88,15 @@ def load_adapted(card: ModelCard, adapter_dir: Path, seed: int = 0):
 @dataclass(frozen=True)
 class SplitRun:
     """An adapted model and one prepared split, in the form the Laplace library takes:
-    tokenised ``batches``, ``logits_fn(model, batch) -> (B, C)``, the LoRA ``modules`` and the
-    true ``labels`` (N,)."""
+    tokenised ``batches``, ``logits_fn(model, batch) -> (B, C)``, the LoRA ``modules``, the
+    true ``labels`` (N,) and how many prompts were shortened (:func:`truncation`)."""
 
     model: nn.Module
     batches: list[Batch]
     logits_fn: Callable[[nn.Module, Batch], Tensor]
     modules: dict[str, nn.Linear]
     labels: Tensor
+    truncated: dict
 
 
 def load_split_run(
@@ -83,12 +109,14 @@ def load_split_run(
         raise DataError(f"{split_path}: the split has no examples; check data.* in params.yaml")
     tok, model = load_adapted(params.card(model_name), adapter_dir)
     examples = list(split.examples)
+    cut = truncation(tok, examples, params.finetune.max_length, str(split_path))
     return SplitRun(
         model=model,
         batches=list(batches(tok, examples, batch_size, params.finetune.max_length)),
         logits_fn=logits_fn(answer_token_ids(tok, split.answers)),
         modules=lora_modules(model),
         labels=torch.tensor([e.label for e in examples], dtype=torch.long),
+        truncated=cut,
     )
 
 

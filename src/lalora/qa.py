@@ -28,6 +28,14 @@ BOOL_ANSWERS = (" False", " True")
 LETTERS = "ABCD"
 
 
+def fill(template: str, part: str, keep: str, **values: str) -> tuple[str, tuple[int, int, str]]:
+    """``template.format(**values)`` and the character span of ``values[part]`` in it, with
+    ``keep``: the end of that span kept when a prompt must be shortened (``"end"``: its start
+    is cut; ``"start"``: its end is cut). The prompt's other parts are never cut."""
+    start = len(template[: template.index("{" + part + "}")].format(**values))
+    return template.format(**values), (start, start + len(values[part]), keep)
+
+
 class QAFormatError(UserError, ValueError):
     """A record lacks a field or has one of the wrong type: the message says where."""
 
@@ -69,9 +77,10 @@ def _question_and_choices(record: dict, where: str) -> tuple[str, list[str], lis
     return stem, texts, [str(x) for x in choices["label"]]
 
 
-def four_choice_prompt(record: dict, where: str) -> tuple[str, str, int] | None:
-    """(id, prompt, label index) of an ARC or OpenBookQA record, or None when it does not have
-    exactly four choices (the paper keeps only those)."""
+def four_choice_prompt(record: dict, where: str) -> tuple[str, str, int, tuple] | None:
+    """(id, prompt, label index, cut) of an ARC or OpenBookQA record, or None when it does not
+    have exactly four choices (the paper keeps only those); ``cut``: the question, whose start
+    goes first when the prompt is too long (:func:`fill`)."""
     question, texts, labels = _question_and_choices(record, where)
     if len(texts) != 4:
         return None
@@ -81,16 +90,17 @@ def four_choice_prompt(record: dict, where: str) -> tuple[str, str, int] | None:
     if key not in labels:
         raise QAFormatError(f"{where}: answerKey {key!r} is not one of the labels {labels}")
     choices = " ".join(f"{LETTERS[i]}. {choice_text(t)}." for i, t in enumerate(texts))
-    prompt = MC_PROMPT.format(question=question, choices=choices)
-    return str(record.get("id", where)), prompt, labels.index(key)
+    prompt, cut = fill(MC_PROMPT, "question", "end", question=question, choices=choices)
+    return str(record.get("id", where)), prompt, labels.index(key), cut
 
 
-def boolq_prompt(record: dict, where: str) -> tuple[str, str, int]:
-    """(id, prompt, label) of a BoolQ record: label 1 for True."""
+def boolq_prompt(record: dict, where: str) -> tuple[str, str, int, tuple]:
+    """(id, prompt, label, cut) of a BoolQ record: label 1 for True; ``cut``: the passage, whose
+    end goes first when the prompt is too long (the instruction and question stay whole)."""
     question = _text(_field(record, "question", where), "question", where)
     passage = _text(_field(record, "passage", where), "passage", where)
     answer = _field(record, "answer", where)
     if not isinstance(answer, bool):
         raise QAFormatError(f"{where}: field 'answer' must be true or false, got {answer!r}")
-    prompt = BOOLQ_PROMPT.format(question=question, passage=passage)
-    return str(record.get("idx", where)), prompt, int(answer)
+    prompt, cut = fill(BOOLQ_PROMPT, "passage", "start", question=question, passage=passage)
+    return str(record.get("idx", where)), prompt, int(answer), cut
