@@ -17,6 +17,7 @@ from lalora.laplace.marglik import (
     tune_prior,
 )
 from lalora.laplace.posterior import Posterior, last_layer_modules
+from lalora.memory import check, sampling_memory
 from lalora.metrics import check_finite
 from lalora.models import adapter_lora_weights
 
@@ -28,8 +29,12 @@ def validation_features(params: Params, args: argparse.Namespace, post: Posterio
     from lalora.laplace.predictive import jacobian_features
     from lalora.pipeline import load_split_run
 
-    if not read_split(args.val).examples:
+    val = read_split(args.val)
+    if not val.examples:
         return None
+    pred = params.predictive
+    check(sampling_memory(len(val.answers), pred.samples, pred.link).times(current().world),
+          params.launch.memory_gb, "tune_prior")  # fmt: skip
     run = load_split_run(params, args.model, args.adapter, args.val, params.evaluate.batch_size)
     feats = jacobian_features(
         run.model, run.batches, run.logits_fn, run.modules, post, dist=current()

@@ -462,3 +462,52 @@ def test_the_shortened_prompts_are_counted(tok, capsys):
     out = truncation(tok, examples, 32, "finetune train.jsonl")
     assert out["prompts"] == 1 and out["of"] == 2 and out["max_tokens"] > 0
     assert "1 of 2 prompts exceed finetune.max_length 32" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: estimated before allocating, refused with the estimate and the key
+
+
+def _smollm2_like_modules() -> dict:
+    """SmolLM2-135M's LoRA shapes (r 8): q/v on 30 layers (576 wide) and lm_head (49152)."""
+    from torch import nn
+
+    mods = {}
+    for i in range(30):
+        for proj, out in (("q_proj", 576), ("v_proj", 192)):
+            mods[f"l{i}.{proj}.lora_A"] = nn.Linear(576, 8, device="meta")
+            mods[f"l{i}.{proj}.lora_B"] = nn.Linear(8, out, device="meta")
+    mods["lm_head.lora_A"] = nn.Linear(576, 8, device="meta")
+    mods["lm_head.lora_B"] = nn.Linear(8, 49152, device="meta")
+    return mods
+
+
+@pytest.mark.parametrize(
+    "edit, needed",
+    [({"rank": 100000}, r"lm_head.lora_B G \(dense 49152 x 49152\): 18.0 GB"),
+     ({"max_dense": 49152}, r"lm_head.lora_B G \(dense 49152 x 49152\)")],
+)  # fmt: skip
+def test_an_impossible_factor_setting_is_refused_before_it_allocates(edit, needed):
+    from lalora.config import KfacConfig
+    from lalora.memory import MemoryLimitError, check, factor_memory
+
+    mods = _smollm2_like_modules()
+    default = factor_memory(mods, KfacConfig())
+    assert default.total < 400 * 2**20  # the default: 280 MB, 576 x 576 sums on 90 sides
+    check(default, 0, "fit_kfac")
+    huge = factor_memory(mods, KfacConfig(**edit))
+    assert huge.total > 3 * 49152**2 * 8 - 1
+    with pytest.raises(MemoryLimitError, match=rf"fit_kfac would need about 5\d.\d GB .*{needed}"):
+        check(huge, 20, "fit_kfac")
+    with pytest.raises(MemoryLimitError, match=r"Lower kfac.rank or kfac.max_dense.*memory_gb"):
+        check(huge, 0, "fit_kfac")
+    check(huge, 60, "fit_kfac")  # the user's own limit, above the estimate
+
+
+def test_too_many_predictive_samples_are_refused():
+    from lalora.memory import MemoryLimitError, check, sampling_memory
+
+    check(sampling_memory(4, 10000, "mc"), 0, "evaluate")  # the default: 330 MB
+    assert sampling_memory(2, 10**9, "probit").total == 0
+    with pytest.raises(MemoryLimitError, match=r"evaluate would need .*Lower predictive.samples"):
+        check(sampling_memory(2, 10**8, "mc").times(2), 0, "evaluate")

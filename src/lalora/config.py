@@ -229,14 +229,20 @@ class LaunchConfig:
     ``nproc_per_node`` 1 runs plain ``python``, N > 1 runs ``torchrun --nproc-per-node N``
     (data parallel, :mod:`lalora.distributed`) with ``backend`` (``auto``: nccl with CUDA,
     else gloo) and ``threads`` CPU threads per process (0: torch's default, 1 per process
-    under torchrun). The stages do not declare these keys: results equal the 1-process run's
-    (to round-off), so changing them reruns nothing."""
+    under torchrun). ``memory_gb``: the memory the factor fit and the predictive may use
+    (0: what the machine has available; :mod:`lalora.memory` refuses a setting estimated to
+    need more). The stages do not declare these keys: results equal the 1-process run's (to
+    round-off), so changing them reruns nothing."""
 
     nproc_per_node: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     threads: int = 0
+    memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.memory_gb < 0:
+            raise ConfigError(f"launch.memory_gb must be >= 0 (0: what the machine has), got "
+                              f"{self.memory_gb}")  # fmt: skip
         if self.nproc_per_node < 1 or self.threads < 0:
             raise ConfigError(
                 f"launch: need nproc_per_node >= 1 and threads >= 0, got "
