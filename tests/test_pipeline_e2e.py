@@ -185,6 +185,10 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.2))
     assert repro(repo, env) == stages_b | {"aggregate", "shift@tiny-b-generated"}
 
+    # keys only aggregate reads rerun only aggregate
+    edit_params(repo, lambda p: p["evaluate"].update(bootstrap=60, ensemble_last=1))
+    assert repro(repo, env) == {"aggregate"}
+
     # a prior change reruns every tune_prior, and nothing upstream of it
     edit_params(repo, lambda p: p["prior"].update(grid=31))
     ran = repro(repo, env)

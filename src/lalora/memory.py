@@ -93,11 +93,13 @@ def check(estimate: Estimate, limit_gb: float, stage: str) -> None:
     limit = int(limit_gb * GB) if limit_gb > 0 else available()
     if estimate.total <= limit:
         return
-    top = sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3]
+    top = [
+        kv for kv in sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3] if kv[1] >= GB / 10
+    ]
     detail = "; ".join(f"{what}: {size / GB:.1f} GB" for what, size in top)
     where = f"launch.memory_gb {limit_gb:g}" if limit_gb > 0 else "this machine has available"
     raise MemoryLimitError(
         f"{stage} would need about {estimate.total / GB:.1f} GB ({detail}), more than the "
         f"{limit / GB:.1f} GB {where}. Lower {' or '.join(estimate.keys)}; or, if this "
-        "estimate is wrong for your machine, set launch.memory_gb to the memory it may use"
+        "estimate is wrong for your machine, set launch.memory_gb to the memory it may use."
     )

@@ -30,6 +30,7 @@ from lalora.config import ModelCard, Params
 from lalora.data import DataError, Example, read_split
 from lalora.models import (
     Batch,
+    PromptTooLongError,
     answer_logits,
     answer_token_ids,
     encode,
@@ -55,10 +56,13 @@ def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: st
     """How many of ``examples`` exceed ``max_length`` tokens and are shortened, printed when
     any is: ``{"prompts": n, "of": N, "max_tokens": most tokens cut from one}``. A prompt that
     cannot be shortened enough stops here, naming it (:func:`lalora.models.shorten`)."""
-    _, removed = tokenize(
-        tokenizer, [e.prompt for e in examples], max_length, [e.cut for e in examples],
-        [e.id for e in examples],
-    )  # fmt: skip
+    try:
+        _, removed = tokenize(
+            tokenizer, [e.prompt for e in examples], max_length, [e.cut for e in examples],
+            [e.id for e in examples],
+        )  # fmt: skip
+    except PromptTooLongError as err:
+        raise PromptTooLongError(f"{what}: {err}") from None
     cut = [r for r in removed if r]
     out = {"prompts": len(cut), "of": len(examples), "max_tokens": max(cut, default=0)}
     if cut:
