@@ -511,3 +511,11 @@ def test_too_many_predictive_samples_are_refused():
     assert sampling_memory(2, 10**9, "probit").total == 0
     with pytest.raises(MemoryLimitError, match=r"evaluate would need .*Lower predictive.samples"):
         check(sampling_memory(2, 10**8, "mc").times(2), 0, "evaluate")
+
+
+def test_a_corrupt_artifact_names_the_command_that_reruns_only_its_stage(tmp_path):
+    from lalora.errors import ArtifactError
+
+    err = ArtifactError(tmp_path / "factors.safetensors", "truncated", "fit_kfac")
+    assert "dvc repro -s -f fit_kfac@<its name>" in str(err)
+    assert "--force" not in str(err)
