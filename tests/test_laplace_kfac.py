@@ -214,3 +214,114 @@ def test_lora_a_maps_reading_one_input_share_one_factor(tmp_path):
     loaded = Posterior.load(tmp_path)
     q, v = (loaded.modules[prefix.format(1, p)] for p in ("q", "v"))
     assert q.a is v.a and torch.equal(q.a.evecs, post.modules[prefix.format(1, "q")].a.evecs)
+
+
+def _captured_inputs(model, mods, batch, fn):
+    """Each module's raw input (B, T, d_in) in one forward pass."""
+    seen, handles = {}, []
+
+    def keep(name):
+        def hook(_m, inputs, _out):
+            seen.setdefault(name, inputs[0])
+
+        return hook
+
+    for name, m in mods.items():
+        handles.append(m.register_forward_hook(keep(name)))
+    with torch.no_grad():
+        fn(model, batch)
+    for h in handles:
+        h.remove()
+    return {n: (x[:, None, :] if x.ndim == 2 else x).detach().double() for n, x in seen.items()}
+
+
+@pytest.mark.parametrize("normalisation", ["rows", "sequences", "sequences_padded"])
+def test_input_factor_normalisations_equal_dense_sums(normalisation):
+    """A_m from every row of a left-padded batch: / non-padding rows, / sequences, or padding
+    rows included / sequences (the paper's code); G_m and lm_head (one row per sequence)
+    are the same for all three."""
+    model = llama_case()
+    mods = lora_modules(model)
+    fn = llama_logits_fn(2)
+    batches = [llama_batch([3, 7, 5], seed=3, padding_side="left"), llama_batch([6, 2], seed=4)]
+    post = fit_kfac(model, batches, fn, mods, max_dense=10**6, normalisation=normalisation)
+    rows_post = fit_kfac(model, batches, fn, mods, max_dense=10**6)
+    n_seq = 5
+    sums, n_rows = {}, {}
+    for b in batches:
+        for name, x in _captured_inputs(model, mods, b, fn).items():
+            if x.shape[1] == b.attention_mask.shape[1] and normalisation != "sequences_padded":
+                x = x * b.attention_mask[:, :, None].double()
+                rows = int(b.attention_mask.sum())
+            else:
+                rows = x.shape[0] * x.shape[1]
+            flat = x.reshape(-1, x.shape[-1])
+            sums[name] = sums.get(name, 0) + flat.T @ flat
+            n_rows[name] = n_rows.get(name, 0) + rows
+    for name in mods:
+        divisor = n_rows[name] if normalisation == "rows" else n_seq
+        A, G = full_factors(post, name)
+        report_close(A, sums[name] / divisor, atol=1e-12)
+        report_close(G, full_factors(rows_post, name)[1], atol=1e-12)
+        if ".lm_head." in name:
+            report_close(A, full_factors(rows_post, name)[0], atol=1e-12)
+        elif normalisation != "rows":  # the attention maps' factor: about T times larger
+            ratio = float(A.trace() / full_factors(rows_post, name)[0].trace())
+            assert ratio > 2.5
+    assert post.normalisation == normalisation
+    assert post.train_confidence > 0.5 and 0 < post.fisher_trace < 5 * 0.5
+
+
+def _dense_linear_evidence(m, lam, delta):
+    """-1/2 delta^T (lambda H (H + lambda)^-1) delta - 1/2 log det(I + H / lambda), H = A (x) G
+    (column-major vec), from dense matrices."""
+    H = torch.kron(m.a.dense(), m.g.dense())
+    v = delta.double().T.reshape(-1)  # column-major vec of (d_out, d_in)
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    penalty = lam * float(v @ (H @ torch.linalg.solve(H + lam * eye, v)))
+    return -0.5 * penalty - 0.5 * float(torch.linalg.slogdet(eye + H / lam)[1])
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_linear_evidence_equals_dense_formula(dense):
+    """The Kronecker eigenbasis form of the linearised evidence, dense and low-rank factors."""
+    from lalora.laplace.marglik import module_evidence
+
+    model = llama_case()
+    mods = lora_modules(model)
+    kw = {"max_dense": 10**6} if dense else {"max_dense": 3, "rank": 2}
+    post = fit_kfac(model, [llama_batch([4, 6, 5], seed=1)], llama_logits_fn(2), mods, **kw)
+    gen = torch.Generator().manual_seed(0)
+    delta = {
+        n: torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) for n, m in mods.items()
+    }
+    centred = post.with_delta(delta)
+    for name, m in centred.modules.items():
+        for lam in (0.01, 1.0, 30.0):
+            assert module_evidence(m, lam, "linear") == pytest.approx(
+                _dense_linear_evidence(m, lam, delta[name]), rel=1e-9, abs=1e-10
+            )
+        assert m.theta_sq == pytest.approx(float(delta[name].pow(2).sum()))
+    with pytest.raises(ValueError, match="with_delta"):
+        module_evidence(post.with_theta_sq({n: 1.0 for n in mods}).modules[name], 1.0, "linear")
+
+
+@pytest.mark.parametrize("C", [2, 4])
+def test_one_datum_log_z_equals_exact_block(C):
+    """With one datum and T = 1 the Kronecker posterior is the exact block-diagonal GGN: its
+    standard and linearised evidences equal the data-space ones, whatever the prior mean."""
+    from lalora.laplace import exact
+    from lalora.laplace.marglik import log_marginal_likelihood
+
+    model = mlp_case(C=C)
+    mods = lora_modules(model)
+    batch = mlp_data(1, C)
+    mean = {n: 0.2 * torch.ones_like(m.weight) for n, m in mods.items()}
+    post = fit_kfac(model, [batch], mlp_logits, mods, max_dense=10**6)
+    post = post.with_delta({n: m.weight.detach() - mean[n] for n, m in mods.items()})
+    dual = exact.dual_ggn(model, [batch], [batch], mlp_logits, mods, prior_mean=mean)
+    lam = {n: 0.3 + i for i, n in enumerate(mods)}
+    for evidence in ("standard", "linear"):
+        assert log_marginal_likelihood(post, lam, evidence) == pytest.approx(
+            exact.log_marginal_likelihood(dual, lam, "block", evidence), rel=1e-9
+        )

@@ -21,7 +21,18 @@ O((NK)^2 P).
 structure within which KFAC approximates each block by A_m (x) G_m. Comparing KFAC, BLOCK and
 FULL on one case separates the Kronecker approximation from the block-diagonal one.
 
-The prior mean may be non-zero (e.g. the LoRA initialisation): only ||theta* - mu||^2 enters.
+The prior mean may be non-zero (e.g. the LoRA initialisation): only ||theta* - mu||^2 enters
+the standard evidence. Two versions of the linearised model's evidence (Antoran et al. 2022):
+
+- ``evidence="linear"`` (as ``marglik.Evidence.LINEAR`` for the Kronecker posterior): the data
+  log-likelihood quadratic around theta* with zero gradient, integrated against the prior:
+  the penalty lambda ||delta||^2 becomes delta^T (H^-1 + Lambda_0^-1)^-1 delta
+  = u^T (I + S^T Kern S)^-1 u with u = S^T J delta (NK,);
+- :func:`linear_model_evidence`: the Laplace evidence of the linearised model
+  f_lin(theta) = f(theta*) + J (theta - theta*) with the softmax likelihood, at its own mode,
+  found by Newton's method in the data space (Rasmussen and Williams 2006, Algorithm 3.1, with
+  the prior mean m0 = f(theta*) - J delta and covariance Kern of the training contrasts): no
+  quadratic approximation and the data gradient at theta* included.
 """
 
 from __future__ import annotations
@@ -50,7 +61,8 @@ class DualGGN:
 
     ``gram`` (G, NK, NK): J_g J_g^T on the training set; ``root`` (N, K, K): S_n;
     ``test_cross`` (G, MK, NK): J*_g J_g^T; ``test_self`` (G, M, K, K): per-example J*_g J*_g^T;
-    ``test_mean`` (M, C) MAP logits; ``theta_sq`` (G,) ||theta*_g - mu_g||^2; ``n_params`` (G,).
+    ``test_mean`` (M, C) MAP logits; ``theta_sq`` (G,) ||theta*_g - mu_g||^2; ``n_params`` (G,);
+    ``shift`` (G, NK): J_g (theta*_g - mu_g); ``train_mean`` (N, C) MAP logits, ``labels`` (N,).
     """
 
     names: tuple[str, ...]
@@ -62,12 +74,17 @@ class DualGGN:
     test_mean: Tensor
     test_cross: Tensor
     test_self: Tensor
+    shift: Tensor
+    train_mean: Tensor
+    labels: Tensor
 
-    def with_prior_mean_sq(self, theta_sq: Tensor) -> DualGGN:
-        """The same Jacobians with another ||theta* - mu||^2 per group (G,)."""
+    def with_prior_mean_sq(self, theta_sq: Tensor, shift: Tensor | None = None) -> DualGGN:
+        """The same Jacobians with another ||theta* - mu||^2 per group (G,) (and J_g delta_g,
+        (G, NK), for the linearised evidence)."""
         from dataclasses import replace
 
-        return replace(self, theta_sq=theta_sq.double())
+        out = replace(self, theta_sq=theta_sq.double())
+        return out if shift is None else replace(out, shift=shift.double())
 
 
 def contrast_hessian_root(logits: Tensor) -> Tensor:
@@ -116,12 +133,13 @@ def dual_ggn(
             Jt = jac[n].double().flatten(2)  # (B, K, P_g)
             cross[n].append(Jt.flatten(0, 1) @ J[n].T)  # (B K, NK)
             selfs[n].append(Jt @ Jt.transpose(1, 2))  # (B, K, K)
-    theta_sq = []
+    theta_sq, shift = [], []
     for n, mod in modules.items():
         w = mod.weight.detach().double()
         if prior_mean is not None:
             w = w - prior_mean[n].double()
         theta_sq.append(float(w.pow(2).sum()))
+        shift.append(J[n] @ w.flatten())  # (NK,)
     return DualGGN(
         names=names,
         n_params=torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64),
@@ -132,6 +150,9 @@ def dual_ggn(
         test_mean=torch.cat(means),
         test_cross=torch.stack([torch.cat(cross[n]) for n in names]),
         test_self=torch.stack([torch.cat(selfs[n]) for n in names]),
+        shift=torch.stack(shift),
+        train_mean=logits,
+        labels=labels,
     )
 
 
@@ -173,14 +194,118 @@ def log_marginal_likelihood(
     dual: DualGGN,
     prior: float | dict[str, float] | Tensor,
     structure: Structure | str = Structure.FULL,
+    evidence: str = "standard",
 ) -> float:
     """log Z = log p(D | theta*) - 1/2 sum_g lambda_g ||theta*_g - mu_g||^2
-    + 1/2 log det Lambda_0 - 1/2 log det(H + Lambda_0), exactly (method.md section 4)."""
+    + 1/2 log det Lambda_0 - 1/2 log det(H + Lambda_0), exactly (method.md section 4); with
+    ``evidence="linear"`` the penalty is delta^T (H^-1 + Lambda_0^-1)^-1 delta instead."""
     structure = Structure(structure)
     lam = _precisions(dual, prior)
     inner = _inner(dual, lam, structure)
-    logdet = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(inner), dim1=-2, dim2=-1)).sum()
-    return dual.log_likelihood - 0.5 * float((lam * dual.theta_sq).sum()) - 0.5 * float(logdet)
+    L = torch.linalg.cholesky(inner)
+    logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum()
+    if evidence == "standard":
+        penalty = float((lam * dual.theta_sq).sum())
+    elif evidence == "linear":
+        shift = dual.shift.sum(0) if structure is Structure.FULL else dual.shift  # (NK,) | (G, NK)
+        u = _right(shift, dual.root)
+        y = torch.linalg.solve_triangular(L, u[..., None], upper=False)
+        penalty = float(y.pow(2).sum())
+    else:
+        raise ValueError(f"unknown evidence {evidence!r} (standard or linear)")
+    return dual.log_likelihood - 0.5 * penalty - 0.5 * float(logdet)
+
+
+def _contrasts(logits: Tensor) -> Tensor:
+    """(N, C) logits -> (N, K) contrasts f_c - f_C."""
+    return (logits[:, :-1] - logits[:, -1:]).double()
+
+
+def _contrast_loglik(d: Tensor, labels: Tensor) -> tuple[float, Tensor, Tensor]:
+    """log p(y | d), its gradient (N, K) and the root S (N, K, K) of its negative Hessian."""
+    full = torch.cat([d, torch.zeros_like(d[:, :1])], dim=1)  # (N, C)
+    logp = torch.log_softmax(full, -1)
+    onehot = torch.nn.functional.one_hot(labels, full.shape[1]).double()
+    grad = (onehot - logp.exp())[:, :-1]
+    return float(logp.gather(1, labels[:, None]).sum()), grad, contrast_hessian_root(full)
+
+
+@dataclass(frozen=True)
+class LinearMode:
+    """The linearised model's Laplace evidence at its own mode: ``log_z``; the mode's data
+    log-likelihood ``log_likelihood`` and prior penalty ``penalty`` = ||theta_lin - mu||^2 in
+    the prior's metric; ``iterations`` of Newton's method."""
+
+    log_z: float
+    log_likelihood: float
+    penalty: float
+    iterations: int
+
+
+def linear_model_evidence(
+    dual: DualGGN, prior: float | dict[str, float] | Tensor, tol: float = 1e-10, max_iter: int = 200
+) -> LinearMode:
+    """Evidence of the linearised model with the softmax likelihood at its mode (full GGN).
+
+    Newton's method on a, with theta_lin - mu = Lambda_0^-1 J^T a and training contrasts
+    m0 + Kern a (Rasmussen and Williams 2006, Algorithm 3.1), halving steps that do not raise
+    Psi(a) = log p(y | m0 + Kern a) - 1/2 a^T Kern a; then
+    log Z = Psi(a_hat) - 1/2 log det(I + S^T Kern S) at the mode.
+    """
+    lam = _precisions(dual, prior)
+    kern = torch.einsum("gij,g->ij", dual.gram, 1.0 / lam)  # (NK, NK)
+    N, K = dual.root.shape[:2]
+    m0 = _contrasts(dual.train_mean).flatten() - dual.shift.sum(0)  # (NK,)
+    eye = torch.eye(N * K, dtype=torch.float64)
+
+    def psi(a: Tensor) -> tuple[float, float, float]:
+        f = kern @ a
+        ll = _contrast_loglik((m0 + f).reshape(N, K), dual.labels)[0]
+        pen = float(a @ f)
+        return ll - 0.5 * pen, ll, pen
+
+    a = torch.zeros(N * K, dtype=torch.float64)
+    value = psi(a)[0]
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
+        f = kern @ a
+        _, grad, root = _contrast_loglik((m0 + f).reshape(N, K), dual.labels)
+        b = _wf(root, f) + grad.flatten()  # W f + grad log p
+        B = eye + _sandwich(kern, root)
+        rhs = _right(kern @ b, root)  # S^T Kern b
+        step_a = b - _left(root, torch.linalg.solve(B, rhs)) - a  # Newton's a minus the current
+        t, new = 1.0, None
+        while t > 1e-10:
+            trial = psi(a + t * step_a)
+            if trial[0] >= value - 1e-12:
+                new = trial
+                break
+            t /= 2
+        if new is None:
+            break
+        a = a + t * step_a
+        done = new[0] - value < tol * max(1.0, abs(value))
+        value = new[0]
+        if done:
+            break
+    _, ll, pen = psi(a)
+    root = _contrast_loglik((m0 + kern @ a).reshape(N, K), dual.labels)[2]
+    L = torch.linalg.cholesky(eye + _sandwich(kern, root))
+    logdet = 2 * float(torch.log(torch.diagonal(L)).sum())
+    return LinearMode(log_z=ll - 0.5 * pen - 0.5 * logdet, log_likelihood=ll, penalty=pen,
+                      iterations=iterations)  # fmt: skip
+
+
+def _wf(root: Tensor, f: Tensor) -> Tensor:
+    """W f for W = S S^T block-diagonal: f (NK,) -> (NK,)."""
+    return _left(root, _right(f, root))
+
+
+def _left(root: Tensor, x: Tensor) -> Tensor:
+    """S x for the block-diagonal S (NK, NK): x (NK,) -> (NK,)."""
+    N, K, _ = root.shape
+    return torch.einsum("nkb,nb->nk", root, x.reshape(N, K)).reshape(-1)
 
 
 def logit_covariance(
@@ -216,15 +341,24 @@ def tune_prior(
     log10_max: float = 6.0,
     grid: int = 41,
     where: str = "exact posterior",
+    evidence: str = "standard",
+    accept_edge: bool = False,
 ) -> float:
-    """The scalar prior precision maximising the exact log Z (grid + golden section)."""
-    res = maximise_log10(
-        lambda x: log_marginal_likelihood(dual, 10.0**x, structure),
-        log10_min,
-        log10_max,
-        grid,
-        where,
-    )
+    """The scalar prior precision maximising the exact log Z (grid + golden section):
+    ``evidence`` ``standard``, ``linear`` (quadratic at theta*) or ``linear_mode``
+    (:func:`linear_model_evidence`, full structure only)."""
+    if evidence == "linear_mode":
+        if Structure(structure) is not Structure.FULL:
+            raise ValueError("the linearised model's mode is defined for the full GGN only")
+
+        def objective(x: float) -> float:
+            return linear_model_evidence(dual, 10.0**x).log_z
+    else:
+
+        def objective(x: float) -> float:
+            return log_marginal_likelihood(dual, 10.0**x, structure, evidence)
+
+    res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge)
     return 10.0**res.log10_precision
 
 

@@ -23,7 +23,9 @@ class Tap:
     ``on_input(name, a, source)`` is called on each forward, ``source`` being the first module
     that read the same input tensor in this forward pass (``name`` itself if none did). Set
     ``mask`` before each forward pass: it starts a new pass. ``mask_grads=False`` leaves the
-    gradients unmasked, for callers that only form products g_t a_t^T (zero where a_t is).
+    gradients unmasked, for callers that only form products g_t a_t^T (zero where a_t is);
+    ``mask_inputs=False`` leaves the inputs unmasked (the activations at padding positions, which
+    the paper's code counts in its input factor).
     """
 
     def __init__(
@@ -32,11 +34,13 @@ class Tap:
         on_grad: Callable[[str, Tensor, Tensor], None],
         on_input: Callable[[str, Tensor, str], None] | None = None,
         mask_grads: bool = True,
+        mask_inputs: bool = True,
     ):
         self.modules = modules
         self.on_grad = on_grad
         self.on_input = on_input
         self.mask_grads = mask_grads
+        self.mask_inputs = mask_inputs
         self.inputs: dict[str, Tensor] = {}
         # the module outputs of this pass that carry gradients (backpropagating to these
         # instead of the weights skips the weight gradients, which nobody reads)
@@ -76,7 +80,7 @@ class Tap:
             key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
             source = self._seen.setdefault(key, (name, x))[0]
             if source == name:
-                self.inputs[name] = self._expand(x)
+                self.inputs[name] = self._expand(x, self.mask_inputs)
             else:
                 self.inputs[name] = self.inputs[source]
             if self.on_input is not None:

@@ -7,9 +7,18 @@ For module m with inputs a (rows: every non-padding position, KFAC-"expand", Esc
     G_m = sum_{n,t,k} g_{n,t,k} g_{n,t,k}^T               (d_out, d_out)
 
 the normalisation curvlinops' ``KFACLinearOperator`` uses for a sum-reduced loss, so that with one
-datum and T = 1 the product A_m (x) G_m is the exact GGN block. ``g_{n,t,k}`` is the gradient
-reached by backpropagating column k of a square root S_n of the loss Hessian w.r.t. the logits:
+datum and T = 1 the product A_m (x) G_m is the exact GGN block (``normalisation: rows``). Two
+others, for comparison with the paper's code (Yang et al. 2024, adamxyang/laplace-lora, through
+ASDL and laplace-torch's ASDL backend):
 
+- ``sequences``: A_m divided by the number of sequences N instead of the non-padding rows, i.e.
+  A_m scaled by N_rows / N (about the mean prompt length on the attention maps; 1 on ``lm_head``,
+  which reads one position per sequence);
+- ``sequences_padded``: the paper's code exactly: every row of the padded (B, T, d_in) input,
+  padding positions included, summed into A_m and divided by N sequences.
+
+``g_{n,t,k}`` is the gradient reached by backpropagating column k of a square root S_n of the
+loss Hessian w.r.t. the logits:
 - ``exact`` (type-2 Fisher): Lambda_n = diag(p) - p p^T has rank C - 1, so its C - 1 non-zero
   eigenpairs give S_n (C, C - 1) exactly, with C - 1 backward passes (one for two choices);
 - ``mc``: one sampled label y ~ p, S_n = p - e_y (one backward pass);
@@ -41,6 +50,12 @@ class Fisher(StrEnum):
     EXACT = "exact"
     MC = "mc"
     EMPIRICAL = "empirical"
+
+
+class Normalisation(StrEnum):
+    ROWS = "rows"
+    SEQUENCES = "sequences"
+    SEQUENCES_PADDED = "sequences_padded"
 
 
 class LowRankUpdate(StrEnum):
@@ -90,6 +105,7 @@ def fit_kfac(
     progress: bool = False,
     total: int | None = None,
     dist: Dist | None = None,
+    normalisation: Normalisation | str = Normalisation.ROWS,
 ) -> Posterior:
     """Fit the Kronecker factors of ``modules`` (LoRA ``nn.Linear`` maps) over ``batches``.
 
@@ -107,6 +123,9 @@ def fit_kfac(
         fisher: ``exact`` (C - 1 passes), ``mc`` or ``empirical`` (one pass each).
         rank, max_dense, update: sides larger than ``max_dense`` (and than ``rank``) are kept
             low-rank (rank ``rank``, by ``update``); the others dense.
+        normalisation: what divides the input factor: ``rows`` (the non-padding rows), or
+            ``sequences`` / ``sequences_padded`` (the number of sequences; the latter with the
+            padding rows' activations in the sum, as the paper's code has them).
 
     Returns:
         A :class:`Posterior` without a prior (see :func:`lalora.laplace.marglik.tune_prior`).
@@ -119,6 +138,8 @@ def fit_kfac(
     else:
         first = 0
     fisher = Fisher(fisher)
+    normalisation = Normalisation(normalisation)
+    padded = normalisation is Normalisation.SEQUENCES_PADDED
     update = LowRankUpdate(update).value
     a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
     index = {name: i for i, name in enumerate(modules)}
@@ -129,7 +150,7 @@ def fit_kfac(
         )
     shared: dict[str, str] = {}  # module -> the module whose input (and input factor) it shares
     gen = torch.Generator()
-    n_data, log_lik = 0, 0.0
+    n_data, log_lik, confidence, trace = 0, 0.0, 0.0, 0.0
 
     def on_input(name: str, a: Tensor, source: str) -> None:  # a (B, T, d_in), padding zeroed
         if shared.get(name, name) != source and (name in shared or name in a_acc):
@@ -145,7 +166,7 @@ def fit_kfac(
         mask = tap.mask
         rows = (
             int(mask.sum())
-            if mask is not None and mask.shape[1] == a.shape[1]
+            if mask is not None and mask.shape[1] == a.shape[1] and not padded
             else a.shape[0] * a.shape[1]
         )
         n_rows[name] += rows
@@ -156,17 +177,16 @@ def fit_kfac(
 
     was_training = model.training
     model.eval()
-    with lora_grad_enabled(modules), Tap(modules, on_grad, on_input) as tap:
+    with lora_grad_enabled(modules), Tap(modules, on_grad, on_input, mask_inputs=not padded) as tap:
         for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
             tap.mask = _mask(batch)
             logits = logits_fn(model, batch)  # (B, C)
             if not torch.isfinite(logits).all():
                 raise NonFiniteError(f"non-finite logits in batch {b}")
-            log_lik += float(
-                torch.log_softmax(logits.detach().double(), -1)
-                .gather(1, batch.labels[:, None])
-                .sum()
-            )
+            logp = torch.log_softmax(logits.detach().double(), -1)  # (B, C)
+            log_lik += float(logp.gather(1, batch.labels[:, None]).sum())
+            confidence += float(logp.exp().amax(-1).sum())
+            trace += float((1 - logp.exp().pow(2).sum(-1)).sum())  # tr(diag p - p p^T)
             n_data += logits.shape[0]
             gen.manual_seed(seed * 1_000_003 + first + b)
             roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
@@ -182,9 +202,12 @@ def fit_kfac(
         n_rows = {n: int(c) for n, c in zip(modules, counts[:-1].tolist(), strict=True)}
         n_data = int(counts[-1])
         log_lik = all_reduce_sum(log_lik, d)
+        confidence = all_reduce_sum(confidence, d)
+        trace = all_reduce_sum(trace, d)
 
     factors = {}
-    a_factors = {n: acc.finalize(1.0 / max(n_rows[n], 1)) for n, acc in a_acc.items()}
+    count = (lambda n: n_rows[n]) if normalisation is Normalisation.ROWS else (lambda n: n_data)
+    a_factors = {n: acc.finalize(1.0 / max(count(n), 1)) for n, acc in a_acc.items()}
     for name, mod in modules.items():
         source = shared.get(name, name)
         if source not in a_factors:  # never reached by the data: a zero factor
@@ -197,4 +220,12 @@ def fit_kfac(
                 raise NonFiniteError(f"non-finite {side} factor in module {name}")
         theta_sq = float(mod.weight.detach().double().pow(2).sum())
         factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=n_rows[source])
-    return Posterior(modules=factors, n_data=n_data, fisher=fisher.value, log_likelihood=log_lik)
+    return Posterior(
+        modules=factors,
+        n_data=n_data,
+        fisher=fisher.value,
+        log_likelihood=log_lik,
+        normalisation=normalisation.value,
+        train_confidence=confidence / max(n_data, 1),
+        fisher_trace=trace,
+    )

@@ -7,6 +7,20 @@ with H block-diagonal over modules, H_m = A_m (x) G_m. With eigenvalues a_i of A
 log det(H_m + lambda I) = sum_ij log(a_i g_j + lambda) + (P_m - k_a k_g) log lambda, so each
 module contributes -lambda/2 ||theta_m||^2 - 1/2 sum_ij log(1 + a_i g_j / lambda): no P x P matrix.
 The module terms are separable, so a layer-wise prior is tuned module by module.
+
+``evidence: linear`` is the evidence of the linearised model at its own mode (Antoran et al.
+2022, "Adapting the linearised Laplace model evidence for modern deep learning"; Immer et al.
+2021): with the data log-likelihood quadratic around theta* (its gradient there taken as zero:
+the fine-tune has no weight decay), integrating it against N(mu, 1/lambda) gives, with
+delta = theta* - mu in the Kronecker eigenbasis (coordinates c_ij, eigenvalues h_ij = a_i g_j),
+
+    log Z_lin(lambda) = log p(D | theta*) - 1/2 sum_ij lambda h_ij / (h_ij + lambda) c_ij^2
+                        - 1/2 sum_ij log(1 + h_ij / lambda):
+
+the prior penalises delta only where the data constrain it (h >> lambda); in the directions the
+curvature does not reach (h = 0, the kept ranks' complement included) the penalty is zero instead
+of lambda c^2. The mode of that model, (H + lambda)^-1 (H theta* + lambda mu), is where the
+standard formula would be evaluated.
 """
 
 from __future__ import annotations
@@ -28,6 +42,11 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 class PriorStructure(StrEnum):
     SCALAR = "scalar"
     LAYERWISE = "layerwise"
+
+
+class Evidence(StrEnum):
+    STANDARD = "standard"
+    LINEAR = "linear"
 
 
 class PriorSearchError(UserError, RuntimeError):
@@ -72,16 +91,26 @@ def module_log_det(m: ModuleFactors, prior_precision: float) -> float:
     )
 
 
-def module_evidence(m: ModuleFactors, prior_precision: float) -> float:
+def module_evidence(
+    m: ModuleFactors, prior_precision: float, evidence: Evidence | str = Evidence.STANDARD
+) -> float:
     """The lambda-dependent part of log Z for one module (stable form)."""
-    ag = torch.outer(m.a.evals, m.g.evals)
-    return -0.5 * prior_precision * m.theta_sq - 0.5 * float(
-        torch.log1p(ag / prior_precision).sum()
-    )
+    ag = torch.outer(m.a.evals, m.g.evals)  # (k_a, k_g)
+    log_det = 0.5 * float(torch.log1p(ag / prior_precision).sum())
+    if Evidence(evidence) is Evidence.STANDARD:
+        return -0.5 * prior_precision * m.theta_sq - log_det
+    if m.delta is None:
+        raise ValueError(
+            "the linearised evidence needs theta* - mu in the eigenbasis: Posterior.with_delta"
+        )
+    penalty = float((ag * prior_precision / (ag + prior_precision) * m.delta.pow(2)).sum())
+    return -0.5 * penalty - log_det
 
 
 def log_marginal_likelihood(
-    post: Posterior, prior_precision: float | dict[str, float] | None = None
+    post: Posterior,
+    prior_precision: float | dict[str, float] | None = None,
+    evidence: Evidence | str = Evidence.STANDARD,
 ) -> float:
     """log Z of ``post`` at its prior precision (or the one given: scalar or per module)."""
     if prior_precision is not None:
@@ -89,7 +118,7 @@ def log_marginal_likelihood(
     if not post.prior_precision:
         raise ValueError("no prior precision: pass one or tune it first")
     return post.log_likelihood + sum(
-        module_evidence(m, post.prior_precision[n]) for n, m in post.modules.items()
+        module_evidence(m, post.prior_precision[n], evidence) for n, m in post.modules.items()
     )
 
 
@@ -158,8 +187,10 @@ def tune_prior(
     grid: int = 41,
     where: str = "posterior",
     accept_edge: bool = False,
+    evidence: Evidence | str = Evidence.STANDARD,
 ) -> Posterior:
-    """Maximise log Z over log lambda (scalar, or per module for ``layerwise``).
+    """Maximise log Z over log lambda (scalar, or per module for ``layerwise``), by the
+    ``standard`` evidence or the ``linear`` one (which needs :meth:`Posterior.with_delta`).
 
     An optimum at an edge of the range raises :class:`PriorSearchError`, or with
     ``accept_edge`` is kept with a :class:`PriorAtEdgeWarning` (e.g. the step-0 adapter under a
@@ -171,7 +202,7 @@ def tune_prior(
 
         def objective(x: float) -> float:
             lam = 10.0**x
-            return sum(module_evidence(m, lam) for m in post.modules.values())
+            return sum(module_evidence(m, lam, evidence) for m in post.modules.values())
 
         res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge)
         if res.at_edge:
@@ -180,7 +211,7 @@ def tune_prior(
     prior = {}
     for name, m in post.modules.items():
         res = maximise_log10(
-            lambda x, m=m: module_evidence(m, 10.0**x),
+            lambda x, m=m: module_evidence(m, 10.0**x, evidence),
             log10_min,
             log10_max,
             grid,

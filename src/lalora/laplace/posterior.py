@@ -28,13 +28,17 @@ class ModuleFactors:
     """Kronecker factors of one LoRA linear map with weight (d_out, d_in).
 
     ``a``: input factor (side d_in); ``g``: output-gradient factor (side d_out);
-    ``theta_sq``: squared norm of the MAP weights of this module; ``n_rows``: input rows seen.
+    ``theta_sq``: ||theta*_m - mu_m||^2 (mu = 0 unless re-centred); ``n_rows``: input rows seen;
+    ``delta``: (k_a, k_g) coordinates Q_a^T (theta*_m - mu_m)^T Q_g of the weights' distance to
+    the prior mean in the kept Kronecker eigenbasis (eigenvalues a_i g_j), set by
+    :meth:`Posterior.with_delta` for the linearised evidence; None until then.
     """
 
     a: Factor
     g: Factor
     theta_sq: float
     n_rows: int
+    delta: torch.Tensor | None = None
 
     @property
     def n_params(self) -> int:
@@ -43,13 +47,22 @@ class ModuleFactors:
 
 @dataclass(frozen=True)
 class Posterior:
-    """Factors by module name, the data size and (after tuning) the prior precision(s)."""
+    """Factors by module name, the data size and (after tuning) the prior precision(s).
+
+    ``normalisation``: what divided the input factors (:class:`lalora.laplace.kfac.Normalisation`);
+    ``train_confidence``: the mean top-class probability on the training set; ``fisher_trace``:
+    sum_n tr(diag p_n - p_n p_n^T), the total softmax curvature (it vanishes where the model fits
+    every training prompt with certainty, and with it every factor G_m).
+    """
 
     modules: dict[str, ModuleFactors]
     n_data: int
     fisher: str
     prior_precision: dict[str, float] = field(default_factory=dict)
     log_likelihood: float = 0.0
+    normalisation: str = "rows"
+    train_confidence: float = 0.0
+    fisher_trace: float = 0.0
 
     @property
     def n_params(self) -> int:
@@ -90,7 +103,26 @@ class Posterior:
         missing = set(self.modules) - set(theta_sq)
         if missing:
             raise ValueError(f"squared distance missing for modules {sorted(missing)[:3]}...")
-        modules = {n: replace(m, theta_sq=float(theta_sq[n])) for n, m in self.modules.items()}
+        modules = {
+            n: replace(m, theta_sq=float(theta_sq[n]), delta=None) for n, m in self.modules.items()
+        }
+        return replace(self, modules=modules)
+
+    def with_delta(self, delta: dict[str, torch.Tensor]) -> Posterior:
+        """A copy centred at mu: ``delta[m]`` = theta*_m - mu_m (d_out, d_in) per module gives
+        ``theta_sq`` and the eigenbasis coordinates ``delta`` of every module."""
+        missing = set(self.modules) - set(delta)
+        if missing:
+            raise ValueError(f"weights missing for modules {sorted(missing)[:3]}...")
+        modules = {}
+        for n, m in self.modules.items():
+            d = delta[n].double()
+            if tuple(d.shape) != (m.g.dim, m.a.dim):
+                raise ValueError(
+                    f"module {n}: weights {tuple(d.shape)}, factors ({m.g.dim}, {m.a.dim})"
+                )
+            coords = m.a.evecs.T @ d.T @ m.g.evecs  # (k_a, k_g)
+            modules[n] = replace(m, theta_sq=float(d.pow(2).sum()), delta=coords)
         return replace(self, modules=modules)
 
     def save(self, folder: str | Path) -> None:
@@ -118,6 +150,9 @@ class Posterior:
                 "n_data": self.n_data,
                 "fisher": self.fisher,
                 "log_likelihood": self.log_likelihood,
+                "normalisation": self.normalisation,
+                "train_confidence": self.train_confidence,
+                "fisher_trace": self.fisher_trace,
                 "prior_precision": self.prior_precision,
                 "same_as": same_as,
                 "modules": {
@@ -185,6 +220,9 @@ class Posterior:
                 fisher=meta["fisher"],
                 prior_precision={k: float(v) for k, v in meta["prior_precision"].items()},
                 log_likelihood=meta["log_likelihood"],
+                normalisation=meta.get("normalisation", "rows"),
+                train_confidence=float(meta.get("train_confidence", 0.0)),
+                fisher_trace=float(meta.get("fisher_trace", 0.0)),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise ArtifactError(
