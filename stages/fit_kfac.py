@@ -40,6 +40,7 @@ def main() -> None:
             max_dense=cfg.max_dense,
             update=cfg.update,
             seed=cfg.seed,
+            normalisation=cfg.normalisation,
             progress=dist.main,
             dist=dist,
         )

@@ -10,12 +10,8 @@ from lalora.cli import run
 from lalora.config import ConfigError, Params, load_params
 from lalora.distributed import current, finish, init
 from lalora.io import atomic_write_json
-from lalora.laplace.marglik import (
-    edges_of,
-    log_marginal_likelihood,
-    squared_distances,
-    tune_prior,
-)
+from lalora.laplace.diagnostics import lora_symmetry, penalty_shares
+from lalora.laplace.marglik import edges_of, log_marginal_likelihood, tune_prior
 from lalora.laplace.posterior import Posterior, last_layer_modules
 from lalora.memory import check, sampling_memory
 from lalora.metrics import check_finite
@@ -59,7 +55,7 @@ def tune_marglik(params: Params, args: argparse.Namespace, post: Posterior) -> P
     pr = params.prior
     return tune_prior(
         post, pr.structure, pr.log10_min, pr.log10_max, pr.grid, where=args.where,
-        accept_edge=True,
+        accept_edge=True, evidence=pr.evidence,
     )  # fmt: skip
 
 
@@ -73,22 +69,27 @@ def entry(params: Params, tuned: Posterior) -> dict:
         "prior_precision_by_module": tuned.prior_precision,
         "at_edge": sorted(set(edges.values())),
         "modules_at_edge": edges,
-        "log_marginal_likelihood": log_marginal_likelihood(tuned),
+        "log_marginal_likelihood": log_marginal_likelihood(tuned, evidence=params.prior.evidence),
         "theta_sq": tuned.theta_sq,
         "n_params": tuned.n_params,
+        "curvature": penalty_shares(tuned).as_dict(),
     }
 
 
-def centre_prior(params: Params, args: argparse.Namespace, post: Posterior) -> Posterior:
-    """``prior.mean: init``: ||theta* - theta_init||^2 per module from the step-0 adapter."""
-    if params.prior.mean == "zero":
-        return post
+def centre_prior(
+    params: Params, args: argparse.Namespace, post: Posterior
+) -> tuple[Posterior, dict]:
+    """The posterior centred at the prior mean (zero, or the step-0 adapter for ``prior.mean:
+    init``): theta* - mu per module, its norm and its Kronecker eigenbasis coordinates; and the
+    share of ||theta* - mu||^2 along the LoRA symmetry directions."""
     names = list(post.modules)
-    return post.with_theta_sq(
-        squared_distances(
-            adapter_lora_weights(args.adapter, names), adapter_lora_weights(args.init, names)
-        )
-    )
+    weights = adapter_lora_weights(args.adapter, names)
+    if params.prior.mean == "zero":
+        delta = {n: w.double() for n, w in weights.items()}
+    else:
+        init = adapter_lora_weights(args.init, names)
+        delta = {n: weights[n].double() - init[n].double() for n in names}
+    return post.with_delta(delta), lora_symmetry(weights, delta)
 
 
 def main() -> None:
@@ -106,7 +107,7 @@ def main() -> None:
     params = load_params(args.params)
     dist = init()
     pr = params.prior
-    post = centre_prior(params, args, Posterior.load(args.kfac))
+    post, symmetry = centre_prior(params, args, Posterior.load(args.kfac))
     val = validation_features(params, args, post)  # split over the processes
     if not dist.main:
         return finish(dist)
@@ -132,8 +133,13 @@ def main() -> None:
         "method": pr.method,
         "structure": pr.structure,
         "mean": pr.mean,
+        "evidence": pr.evidence,
+        "normalisation": post.normalisation,
         **entry(params, configured),
         "n_data": configured.n_data,
+        "train_confidence": post.train_confidence,
+        "fisher_trace": post.fisher_trace,
+        "symmetry": symmetry,
         "methods": {k: entry(params, v) for k, v in tuned.items()},
     }
     check_finite(result, args.where)

@@ -35,6 +35,25 @@ def test_every_config_group_option_composes_and_loads():
             assert params.models and all(m in params.zoo for m in params.models)
 
 
+def test_laplace_group_switches_the_whole_recipe():
+    """`-S laplace=paper`: the paper's normalisation, standard evidence, zero mean, one
+    marglik prior; `laplace=ours` is the default composition."""
+    for option in ("ours", "paper"):
+        raw = compose(ROOT / "conf", [f"laplace={option}"])
+        params = load_section(Params, raw, "")
+        if option == "ours":
+            assert raw == compose(ROOT / "conf")
+    assert (params.kfac.normalisation, params.prior.method) == ("sequences_padded", "marglik")
+    assert (params.prior.evidence, params.prior.mean, params.prior.structure) == (
+        "standard",
+        "zero",
+        "scalar",
+    )
+    # the rest of the study is untouched
+    default = load_section(Params, compose(ROOT / "conf"), "")
+    assert params.finetune == default.finetune and params.kfac.rank == default.kfac.rank
+
+
 def test_overrides_compose_as_dvc_exp_run_does():
     raw = compose(ROOT / "conf", ["model=paper", "finetune.lr=1e-4"])
     params = load_section(Params, raw, "")

@@ -325,3 +325,22 @@ def test_one_datum_log_z_equals_exact_block(C):
         assert log_marginal_likelihood(post, lam, evidence) == pytest.approx(
             exact.log_marginal_likelihood(dual, lam, "block", evidence), rel=1e-9
         )
+
+
+def test_renormalise_equals_a_sequences_fit():
+    from lalora.laplace.kfac import renormalise
+
+    model = llama_case()
+    mods = lora_modules(model)
+    fn = llama_logits_fn(2)
+    batches = [llama_batch([3, 7, 5], seed=3), llama_batch([6, 2], seed=4)]
+    rows = fit_kfac(model, batches, fn, mods, max_dense=10**6)
+    seq = fit_kfac(model, batches, fn, mods, max_dense=10**6, normalisation="sequences")
+    again = renormalise(rows, "sequences")
+    assert again.normalisation == "sequences"
+    for name in mods:
+        report_close(again.modules[name].a.dense(), seq.modules[name].a.dense(), atol=1e-12)
+    q, v = (n for n in mods if ".q_proj.lora_A." in n), (n for n in mods if ".v_proj.lora_A." in n)
+    assert again.modules[next(q)].a is again.modules[next(v)].a  # still one shared factor
+    with pytest.raises(ValueError, match="padding rows"):
+        renormalise(rows, "sequences_padded")

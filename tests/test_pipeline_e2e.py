@@ -190,7 +190,7 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     assert repro(repo, env) == {"aggregate"}
 
     # a prior change reruns every tune_prior, and nothing upstream of it
-    edit_params(repo, lambda p: p["prior"].update(grid=31))
+    edit_params(repo, lambda p: p["prior"].update(grid=31, evidence="linear"))
     ran = repro(repo, env)
     every = stages_a | stages_b
     assert {s for s in every if s.startswith("tune_prior")} <= ran
@@ -199,7 +199,13 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
         <= {s for s in every if s.startswith(("tune_prior", "evaluate"))} | {"aggregate"} | shifts
     )
 
-    edit_params(repo, lambda p: p["kfac"].update(rank=5))
+    prior = json.loads((repo / "models/tiny-a/generated/prior/step-2.json").read_text())
+    assert prior["evidence"] == "linear" and prior["normalisation"] == "rows"
+    curvature = prior["methods"]["la"]["curvature"]
+    assert curvature["delta_sq"] == pytest.approx(prior["methods"]["la"]["theta_sq"])
+    assert 0 < prior["symmetry"]["share"] < 1 and prior["fisher_trace"] > 0
+
+    edit_params(repo, lambda p: p["kfac"].update(rank=5, normalisation="sequences_padded"))
     ran = repro(repo, env)
     assert {s for s in every if s.startswith("fit_kfac")} <= ran
     assert (
@@ -208,6 +214,8 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
         | {"aggregate"}
         | shifts
     )
+    post = json.loads((repo / "models/tiny-a/generated/kfac/step-2/posterior.json").read_text())
+    assert post["normalisation"] == "sequences_padded"
 
     shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
     data = json.dumps(shown)

@@ -271,7 +271,9 @@ class EnsembleConfig:
 @dataclass(frozen=True)
 class KfacConfig:
     """Kronecker factors: Fisher type, low-rank update, rank ``k``; sides up to ``max_dense`` are
-    kept dense (exact), larger ones low-rank."""
+    kept dense (exact), larger ones low-rank; ``normalisation``: what divides the input factor
+    (``rows``: the non-padding rows; ``sequences``, ``sequences_padded``: the number of
+    sequences, the latter with padding rows summed in, as the paper's code has it)."""
 
     fisher: Literal["exact", "mc", "empirical"] = "exact"
     update: Literal["svd", "nystrom"] = "nystrom"
@@ -279,6 +281,7 @@ class KfacConfig:
     max_dense: int = 4096
     batch_size: int = 8
     seed: int = 0
+    normalisation: Literal["rows", "sequences", "sequences_padded"] = "rows"
 
     def __post_init__(self) -> None:
         if self.rank <= 0 or self.max_dense < 0 or self.batch_size <= 0:
@@ -289,9 +292,13 @@ class KfacConfig:
 class PriorConfig:
     """The prior N(mu, 1/lambda): precision tuned by marginal likelihood or validation NLL,
     one for all weights (``scalar``) or one per LoRA module (``layerwise``); centred at zero or
-    at the LoRA initialisation (``mean: init``, the step-0 adapter: random A, zero B)."""
+    at the LoRA initialisation (``mean: init``, the step-0 adapter: random A, zero B); the
+    marginal likelihood is the ``standard`` Laplace evidence or the linearised model's
+    (``evidence: linear``, Antoran et al. 2022: the prior penalises theta* - mu only where the
+    data constrain it)."""
 
     method: Literal["marglik", "val_nll"] = "val_nll"
+    evidence: Literal["standard", "linear"] = "standard"
     structure: Literal["scalar", "layerwise"] = "scalar"
     mean: Literal["zero", "init"] = "init"
     log10_min: float = -4.0

@@ -229,3 +229,27 @@ def fit_kfac(
         train_confidence=confidence / max(n_data, 1),
         fisher_trace=trace,
     )
+
+
+def renormalise(post: Posterior, normalisation: Normalisation | str) -> Posterior:
+    """``post`` (fitted with ``rows``) with its input factors divided by the number of sequences
+    instead (``sequences``): A_m scaled by N_rows / N, eigenvectors unchanged, factors shared by
+    several modules still shared. ``sequences_padded`` needs the padding rows' activations, so
+    it takes its own fit."""
+    from dataclasses import replace
+
+    normalisation = Normalisation(normalisation)
+    if post.normalisation != Normalisation.ROWS:
+        raise ValueError(f"renormalise takes a rows-normalised posterior, not {post.normalisation}")
+    if normalisation is Normalisation.ROWS:
+        return post
+    if normalisation is not Normalisation.SEQUENCES:
+        raise ValueError("sequences_padded needs the padding rows: fit_kfac(normalisation=...)")
+    scaled: dict[int, Any] = {}
+    modules = {}
+    for name, m in post.modules.items():
+        if id(m.a) not in scaled:
+            c = m.n_rows / max(post.n_data, 1)
+            scaled[id(m.a)] = replace(m.a, evals=m.a.evals * c)
+        modules[name] = replace(m, a=scaled[id(m.a)])
+    return replace(post, modules=modules, normalisation=normalisation.value)
