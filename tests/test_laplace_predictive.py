@@ -268,3 +268,27 @@ def test_flat_objective_takes_the_largest_prior_precision():
 
     res = maximise_log10(lambda x: 0.0, -4.0, 6.0, 11, "flat", accept_edge=True)
     assert res.at_edge == "high" and res.log10_precision == 6.0
+
+
+def test_rebased_features_equal_a_pass_with_the_other_factors():
+    """Features of the padded-rows fit, rotated from the rows fit's, equal a Jacobian pass with
+    the padded fit's own eigenbases (dense factors; lm_head's factors are the same in both)."""
+    from lalora.laplace.predictive import rebase_features
+
+    model = llama_case()
+    mods = lora_modules(model)
+    fn = llama_logits_fn(3)
+    train = [llama_batch([5, 7, 4], C=3, seed=s) for s in range(2)]
+    test = [llama_batch([6, 3, 8], C=3, seed=11)]
+    rows = fit_kfac(model, train, fn, mods, max_dense=10**6)
+    padded = fit_kfac(model, train, fn, mods, max_dense=10**6, normalisation="sequences_padded")
+    f_rows = jacobian_features(model, test, fn, mods, rows)
+    f_pad = jacobian_features(model, test, fn, mods, padded)
+    rebased = rebase_features(f_rows, rows, padded)
+    for name in mods:
+        report_close(rebased.proj[name], f_pad.proj[name], atol=1e-10)
+    lam = padded.with_prior(0.7)
+    report_close(logit_covariance(rebased, lam), logit_covariance(f_pad, lam), atol=1e-10)
+    low = fit_kfac(model, train, fn, mods, max_dense=3, rank=2)
+    with pytest.raises(ValueError, match="low-rank"):
+        rebase_features(jacobian_features(model, test, fn, mods, low), low, padded)

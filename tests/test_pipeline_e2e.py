@@ -271,13 +271,39 @@ def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
         repo, env,
     )  # fmt: skip
     table = (repo / "exact.md").read_text()
+    # the exact full GGN is its own reference (trace and variance ratio 1)
     assert re.search(
-        r"\| exact GGN, full \| zero \| [^|]+ \| [^|]+ \| [^|]+ \| [^|]+ \| 1.000 \|", table
+        r"\| exact GGN, full \| zero \| standard \| 1.00 \| [^|]+ \| [^|]+ \| [^|]+ \| [^|]+ "
+        r"\| 1.000 \|",
+        table,
     )
-    assert "KFAC, dense to 4096, layerwise prior | init" in table
-    sh([sys.executable, "-m", "bench.priors", "--model", "tiny-a", "--out", "priors.md"], repo, env)
+    for row in (
+        "rows, layerwise prior | init | standard",
+        "sequences_padded, scalar prior | zero",
+        "exact GGN, full | init | linear_mode",
+        "full | init | standard, symmetry removed",
+    ):
+        assert row in table, row
+    sh(
+        [sys.executable, "-m", "bench.priors", "--model", "tiny-a", "--out", "priors.md",
+         "--json", "study/tiny-s0.json", "--note", "tiny"],
+        repo, env,
+    )  # fmt: skip
     rows = [r for r in (repo / "priors.md").read_text().splitlines() if r.startswith("| 2 |")]
-    assert len(rows) == 6 and not any("nan" in r for r in rows)
+    assert len(rows) == 3 + 12 and not any("nan" in r for r in rows)
+    result = json.loads((repo / "study" / "tiny-s0.json").read_text())
+    last = result["steps"][-1]
+    assert {(v["normalisation"], v["evidence"], v["mean"]) for v in last["variants"]} == {
+        (n, e, m)
+        for n in ("rows", "sequences", "sequences_padded")
+        for e in ("standard", "linear")
+        for m in ("zero", "init")
+    }
+    assert last["mechanism"]["trace_ratio_padded_to_rows"] > 1
+    from bench.study_table import write_table
+
+    text = write_table(repo / "study", repo / "study.md")
+    assert "| sequences_padded | standard | zero |" in text and "## tiny (seeds 0)" in text
 
 
 def test_four_choice_datasets_with_shift_run_every_method(shifted):

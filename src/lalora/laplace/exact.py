@@ -38,7 +38,7 @@ the standard evidence. Two versions of the linearised model's evidence (Antoran 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -77,6 +77,12 @@ class DualGGN:
     shift: Tensor
     train_mean: Tensor
     labels: Tensor
+    others: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def centred_at(self, label: str) -> DualGGN:
+        """The same Jacobians centred at another prior mean given to :func:`dual_ggn`."""
+        theta_sq, shift = self.others[label]
+        return self.with_prior_mean_sq(theta_sq, shift)
 
     def with_prior_mean_sq(self, theta_sq: Tensor, shift: Tensor | None = None) -> DualGGN:
         """The same Jacobians with another ||theta* - mu||^2 per group (G,) (and J_g delta_g,
@@ -104,12 +110,14 @@ def dual_ggn(
     modules: dict[str, nn.Linear],
     prior_mean: dict[str, Tensor] | None = None,
     progress: bool = False,
+    other_means: dict[str, dict[str, Tensor]] | None = None,
 ) -> DualGGN:
     """Gram matrices of the exact per-example contrast Jacobians (float64).
 
     Args:
         train, test: batches with ``labels`` (B,) (and ``attention_mask``, as for ``fit_kfac``).
         prior_mean: weights mu_g by module name (default zero).
+        other_means: more prior means by label, for :meth:`DualGGN.centred_at`.
 
     Memory: the training Jacobians, N K P float64 values, are held once.
     """
@@ -133,26 +141,33 @@ def dual_ggn(
             Jt = jac[n].double().flatten(2)  # (B, K, P_g)
             cross[n].append(Jt.flatten(0, 1) @ J[n].T)  # (B K, NK)
             selfs[n].append(Jt @ Jt.transpose(1, 2))  # (B, K, K)
-    theta_sq, shift = [], []
-    for n, mod in modules.items():
-        w = mod.weight.detach().double()
-        if prior_mean is not None:
-            w = w - prior_mean[n].double()
-        theta_sq.append(float(w.pow(2).sum()))
-        shift.append(J[n] @ w.flatten())  # (NK,)
+
+    def centred(mean: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
+        sq, sh = [], []
+        for n, mod in modules.items():
+            w = mod.weight.detach().double()
+            if mean is not None:
+                w = w - mean[n].double()
+            sq.append(float(w.pow(2).sum()))
+            sh.append(J[n] @ w.flatten())  # (NK,)
+        return torch.tensor(sq, dtype=torch.float64), torch.stack(sh)
+
+    theta_sq, shift = centred(prior_mean)
+    others = {k: centred(v) for k, v in (other_means or {}).items()}
     return DualGGN(
         names=names,
         n_params=torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64),
-        theta_sq=torch.tensor(theta_sq, dtype=torch.float64),
+        theta_sq=theta_sq,
         log_likelihood=log_lik,
         root=contrast_hessian_root(logits),
         gram=gram,
         test_mean=torch.cat(means),
         test_cross=torch.stack([torch.cat(cross[n]) for n in names]),
         test_self=torch.stack([torch.cat(selfs[n]) for n in names]),
-        shift=torch.stack(shift),
+        shift=shift,
         train_mean=logits,
         labels=labels,
+        others=others,
     )
 
 

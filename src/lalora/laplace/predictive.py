@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -368,6 +368,27 @@ def _with_weights(post: Posterior, group: _Group) -> tuple[_Group, Tensor, Tenso
 
 def _lams(post: Posterior, names: tuple[str, ...]) -> Tensor:
     return torch.tensor([post.prior_precision[n] for n in names], dtype=torch.float64)
+
+
+def rebase_features(features: JacobianFeatures, old: Posterior, new: Posterior) -> JacobianFeatures:
+    """The features of ``new`` from those computed with ``old`` (same model and data, other
+    factors, e.g. another normalisation): per module, P' = (Q'_G^T Q_G) P (Q_A^T Q'_A), exact
+    when both of ``old``'s sides are complete eigenbases (dense, perp = 0); a module whose
+    factors are the very same in both needs nothing. Raises ValueError for a module with a
+    low-rank side that changed (its features need a Jacobian pass with ``new``)."""
+    proj = {}
+    for name, m in new.modules.items():
+        o = old.modules[name]
+        same = all(torch.equal(getattr(o, s).evecs, getattr(m, s).evecs) for s in ("a", "g"))
+        if same:
+            proj[name] = features.proj[name]
+            continue
+        if o.a.rank != o.a.dim or o.g.rank != o.g.dim:
+            raise ValueError(f"module {name}: low-rank factors changed; recompute its features")
+        rg = m.g.evecs.double().T @ o.g.evecs.double()  # (k'_g, d_out)
+        ra = o.a.evecs.double().T @ m.a.evecs.double()  # (d_in, k'_a)
+        proj[name] = rg @ features.proj[name] @ ra
+    return replace(features, proj=proj)
 
 
 def logit_covariance(features: JacobianFeatures, post: Posterior) -> Tensor:
