@@ -34,14 +34,26 @@ class Run:
     name: str
     overrides: tuple[str, ...] = ()
     n_test: int = 0  # first N test prompts scored (0: all)
+    steps: tuple[int, ...] = ()  # checkpoints scored (empty: all)
     note: str = ""
     score: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dataset -> shift targets
 
 
 RUNS = (
     Run("default-s0", ("finetune.seed=0",), note="the default study, fine-tuning seed 0"),
-    Run("default-s1", ("finetune.seed=1",), note="the default study, fine-tuning seed 1"),
-    Run("default-s2", ("finetune.seed=2",), note="the default study, fine-tuning seed 2"),
+    # step 0 (LoRA B = 0: the base model's predictions whatever the seed) is scored for seed 0
+    Run(
+        "default-s1",
+        ("finetune.seed=1",),
+        steps=(100, 200, 300, 400),
+        note="the default study, fine-tuning seed 1",
+    ),
+    Run(
+        "default-s2",
+        ("finetune.seed=2",),
+        steps=(100, 200, 300, 400),
+        note="the default study, fine-tuning seed 2",
+    ),
     Run(
         "generated-640",
         (
@@ -78,6 +90,7 @@ RUNS = (
             "finetune.save_every=100",
             "checkpoints=[0,100,200]",
         ),
+        steps=(100, 200),
         note="OpenBookQA and ARC-Easy as in the README, OBQA's shift to ARC-C and ARC-E",
         score={"obqa": ("arc_c", "arc_e"), "arc_e": ()},
     ),
@@ -161,6 +174,7 @@ def score(run: Run, clone: Path, out_dir: Path) -> None:
             "--models-dir", str(clone / "models"), "--data-dir", str(clone / "data"),
             "--n-test", str(run.n_test), "--out", str(out.with_suffix(".md")),
             "--json", str(out), "--note", run.note, *[x for t in shift for x in ("--shift", t)],
+            *(["--steps", *map(str, run.steps)] if run.steps else []),
         ]  # fmt: skip
         sh(cmd, ROOT, dict(os.environ))
 

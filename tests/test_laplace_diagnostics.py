@@ -85,3 +85,28 @@ def test_penalty_shares_add_up_and_equal_dense_curvature():
     assert shares.delta_h_delta == pytest.approx(dense, rel=1e-9)
     with pytest.raises(ValueError, match="tune the prior"):
         penalty_shares(post.with_delta(delta))
+
+
+def test_bench_gradient_term_equals_dense():
+    """bench.priors.gradient_log_z: 1/2 g^T (H + lambda)^-1 g - lambda g^T (H + lambda)^-1 delta
+    with H = A (x) G, low-rank sides included (h = 0 outside the kept ranks)."""
+    from bench.priors import gradient_log_z
+
+    model, mods = trained_case()
+    post = fit_kfac(model, [llama_batch([4, 6, 5], seed=1)], llama_logits_fn(2), mods,
+                    max_dense=3, rank=2)  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    delta = {
+        n: torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) for n, m in mods.items()
+    }
+    grad = {
+        n: torch.randn(m.weight.shape, generator=gen, dtype=torch.float64) for n, m in mods.items()
+    }
+    tuned = post.with_delta(delta).with_prior(0.3)
+    expected = 0.0
+    for n, m in tuned.modules.items():
+        H = torch.kron(m.a.dense(), m.g.dense())
+        inv = torch.linalg.inv(H + 0.3 * torch.eye(H.shape[0], dtype=torch.float64))
+        g, d = grad[n].T.reshape(-1), delta[n].T.reshape(-1)
+        expected += 0.5 * float(g @ inv @ g) - 0.3 * float(g @ inv @ d)
+    assert gradient_log_z(tuned, grad, delta) == pytest.approx(expected, rel=1e-9)
