@@ -86,6 +86,19 @@ def best_test_lambda(cov_at, mean, labels, link, samples, seed, lo, hi) -> str:
     return f"{10.0**res.log10_precision:.3g}"
 
 
+def where_from(args: argparse.Namespace) -> str:
+    """The command line's input options where they are not the defaults."""
+    out = ""
+    for flag, value, default in (
+        ("--params", str(args.params), "params.yaml"),
+        ("--models-dir", str(args.models_dir), "models"),
+        ("--data-dir", str(args.data_dir), "data"),
+    ):
+        if value != default:
+            out += f" {flag} {value}"
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -268,7 +281,7 @@ def main() -> None:
         f"`python -m bench.exact_laplace --model {args.model} --step {args.step}"
         f" --n-train {args.n_train} --n-test {args.n_test} --link {link}"
         f" --kfac {' '.join(args.kfac)} --normalisations {' '.join(args.normalisations)}"
-        f" --means {' '.join(args.means)}`: "
+        f" --means {' '.join(args.means)}{where_from(args)}`: "
         f"{len(train_ex)} training prompts (factors, GGN, log Z), {len(test_ex)} test prompts, "
         f"P = {int(dual0.n_params.sum())} LoRA weights, {link} link, "
         f"{time.time() - t0:.0f} s. MAP: ACC {map_s.acc:.3f}, NLL {map_s.nll:.3f}, "
