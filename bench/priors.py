@@ -343,7 +343,7 @@ def render(result: dict) -> str:
         "Mechanism per checkpoint (rows fit; delta = theta* - theta_init):",
         "",
         "| step | train conf | sum tr(Lambda_n) | ||theta*||^2 | ||delta||^2 | "
-        "symmetry share of ||delta||^2 | ||grad log p(D)|| | trace padded / rows |",
+        "symmetry share of ||delta||^2 | ||grad log p(D)|| | trace padded / rows, all modules |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in result["steps"]:

@@ -136,7 +136,7 @@ def write_table(out_dir: Path, path: Path) -> str:
             "",
             "| step | train conf | sum tr(Lambda_n) | theta*' H theta* (ours, init) | "
             "share of ||delta||^2 with h > lambda | symmetry share | ||grad log p(D)|| | "
-            "gradient's log Z (linear) | trace padded / rows |",
+            "gradient's log Z (linear) | trace padded / rows, all modules |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for step, entries in per_step(runs).items():
