@@ -106,11 +106,12 @@ def write_table(out_dir: Path, path: Path) -> str:
         seeds = sorted(r["seed"] for r in runs if r["seed"] is not None)
         first = runs[0]
         n = first["n"]
+        note = re.sub(r", fine-tuning seed \d+$", "", first["note"])
         lines += [
             "",
             f"## {name}" + (f" (seeds {', '.join(map(str, seeds))})" if seeds else ""),
             "",
-            f"{first['note']}; {n['train']} training, {n['val']} validation, {n['test']} test "
+            f"{note}; {n['train']} training, {n['val']} validation, {n['test']} test "
             f"prompts. NLL / ECE / mean confidence; lambda in brackets.",
             "",
             "| step | MAP | temperature | LA (val) | " + " | ".join(h[3] for h in HEADLINE) + " |",
@@ -134,7 +135,7 @@ def write_table(out_dir: Path, path: Path) -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines += [
             "",
-            "| step | train conf | sum tr(Lambda_n) | theta*' H theta* (ours, init) | "
+            "| step | train conf | sum tr(Lambda_n) | delta' H delta (ours, init) | "
             "share of ||delta||^2 with h > lambda | symmetry share | ||grad log p(D)|| | "
             "gradient's log Z (linear) | trace padded / rows, all modules |",
             "|---|---|---|---|---|---|---|---|---|",
