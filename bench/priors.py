@@ -275,6 +275,7 @@ def main() -> None:
             ),
         }
         if shifted and step == steps[-1]:
+            feats.clear()  # each target's features in turn: 4 GB per 300 four-choice prompts
             entry["shift"] = {}
             for target, examples in shifted.items():
                 bs = list(batches(tok, examples, mb, ml))
@@ -293,6 +294,7 @@ def main() -> None:
                     key = f"{v['normalisation']}/{v['mean']}/{v['evidence']}"
                     out[key] = scores(predictive(tuned, f_of[v["normalisation"]]), yt)
                 entry["shift"][target] = out
+                del f_rows, f_of
         result["steps"].append(entry)
         if args.json:
             atomic_write_json(args.json.with_suffix(".partial.json"), result)
