@@ -84,7 +84,7 @@ def gradient_log_z(
         h = torch.outer(m.a.evals, m.g.evals)  # (k_a, k_g)
         g, d = grad[name].double(), delta[name].double()
         gc = m.a.evecs.T @ g.T @ m.g.evecs
-        dc = m.a.evecs.T @ d.T @ m.g.evecs
+        dc = m.delta  # delta's coordinates, set by with_delta
         gg = (
             float((gc.pow(2) / (h + lam)).sum())
             + (float(g.pow(2).sum()) - float(gc.pow(2).sum())) / lam

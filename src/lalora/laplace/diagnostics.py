@@ -86,20 +86,21 @@ def symmetry_projection(B: Tensor, A: Tensor, dB: Tensor, dA: Tensor) -> tuple[T
     return B @ E, -E @ A
 
 
+def _adapters(weights: dict[str, Tensor]) -> list[tuple[str, str]]:
+    """(lora_A name, lora_B name) of every adapter whose two maps are both in ``weights``."""
+    pairs = [(n, n.replace(".lora_A.", ".lora_B.")) for n in weights if ".lora_A." in n]
+    return [(a, b) for a, b in pairs if b in weights]
+
+
 def lora_symmetry(weights: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, float]:
     """The share of ||delta||^2 along the LoRA symmetry directions, over all adapters.
 
     ``weights`` and ``delta``: by LoRA module name (``...lora_A.<adapter>``, ``...lora_B...``),
     (d_out, d_in) each. Returns ``share`` and ``delta_sq`` (the squared norm of that part).
     """
-    total = sym = 0.0
-    for name in weights:
-        if ".lora_A." not in name:
-            continue
-        b_name = name.replace(".lora_A.", ".lora_B.")
-        if b_name not in weights:
-            continue
-        pB, pA = symmetry_projection(weights[b_name], weights[name], delta[b_name], delta[name])
+    sym = 0.0
+    for a, b in _adapters(weights):
+        pB, pA = symmetry_projection(weights[b], weights[a], delta[b], delta[a])
         sym += float(pB.pow(2).sum() + pA.pow(2).sum())
     total = sum(float(d.double().pow(2).sum()) for d in delta.values())
     return {"share": sym / max(total, 1e-300), "delta_sq": sym}
@@ -108,11 +109,8 @@ def lora_symmetry(weights: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[
 def remove_symmetry(weights: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
     """``delta`` minus its projection on every adapter's symmetry directions."""
     out = {n: d.double().clone() for n, d in delta.items()}
-    for name in weights:
-        b_name = name.replace(".lora_A.", ".lora_B.")
-        if ".lora_A." not in name or b_name not in weights:
-            continue
-        pB, pA = symmetry_projection(weights[b_name], weights[name], delta[b_name], delta[name])
-        out[b_name] -= pB
-        out[name] -= pA
+    for a, b in _adapters(weights):
+        pB, pA = symmetry_projection(weights[b], weights[a], delta[b], delta[a])
+        out[b] -= pB
+        out[a] -= pA
     return out
