@@ -21,6 +21,7 @@ gradient at theta* that the linear evidence leaves out (with the log Z it would 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import sys
 import time
@@ -97,6 +98,36 @@ def gradient_log_z(
     return out
 
 
+def padded_features(features, fit: dict[str, Posterior], model, bs, fn, mods):
+    """The ``sequences_padded`` fit's features on the batches ``bs``: the rows fit's
+    ``features`` rotated (:func:`rebase_features`), or a Jacobian pass of their own where a
+    low-rank side differs between the two fits."""
+    try:
+        return rebase_features(features, fit["rows"], fit["sequences_padded"])
+    except ValueError as err:
+        print(f"{err}: a Jacobian pass with the padded factors", file=sys.stderr)
+        return jacobian_features(model, bs, fn, mods, fit["sequences_padded"])
+
+
+def provenance(params: Path, root: Path, steps: list[int]) -> dict:
+    """What determines a scored run: the code (this script and the ``lalora`` modules it
+    imports, with the library versions), the params file and the scored adapters (sha256, 16
+    hex digits). ``bench.study`` rescores a run whose recorded provenance differs."""
+    from lalora.provenance import code_fingerprint
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+    return {
+        "code": code_fingerprint(Path(__file__)),
+        "params": digest(params),
+        "adapters": {
+            str(s): digest(root / "adapters" / f"step-{s}" / "adapter_model.safetensors")
+            for s in sorted({0, *steps})
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -139,6 +170,7 @@ def main() -> None:
         "note": args.note,
         "n": {k: len(v) for k, v in splits.items()},
         "link": pred.link,
+        "provenance": provenance(Path(args.params), root, steps),
         "steps": [],
     }
     for step in steps:
@@ -170,15 +202,14 @@ def main() -> None:
             "zero": {n: w.double() for n, w in weights.items()},
             "init": {n: weights[n].double() - init[n].double() for n in names},
         }
-        labels, feats = {}, {"rows": {}}
+        labels, feats, bs_of = {}, {"rows": {}}, {}
         for split in ("test", "val"):
-            bs = list(batches(tok, splits[split], mb, ml))
+            bs = bs_of[split] = list(batches(tok, splits[split], mb, ml))
             feats["rows"][split] = jacobian_features(model, bs, fn, mods, fit["rows"])
             labels[split] = torch.tensor([e.label for e in splits[split]])
         feats["sequences"] = feats["rows"]
         feats["sequences_padded"] = {
-            k: rebase_features(f, fit["rows"], fit["sequences_padded"])
-            for k, f in feats["rows"].items()
+            k: padded_features(f, fit, model, bs_of[k], fn, mods) for k, f in feats["rows"].items()
         }
         y = labels["test"]
 
@@ -287,7 +318,7 @@ def main() -> None:
                 f_of = {
                     "rows": f_rows,
                     "sequences": f_rows,
-                    "sequences_padded": rebase_features(f_rows, rows_post, fit["sequences_padded"]),
+                    "sequences_padded": padded_features(f_rows, fit, model, bs, fn, mods),
                 }
                 for v in variants:
                     tuned = fit[v["normalisation"]].with_prior(v["lambda"])

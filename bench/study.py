@@ -5,18 +5,23 @@
     python -m bench.study --stage table         # the table again from bench/study/*.json
 
 Each run is a clone of this project's HEAD under ``--workdir`` (sharing this project's DVC
-cache and ``../shared``) in which ``dvc exp run -S ...`` trains the adapters of its checkpoints
-(the ``export@`` stages and what they need: no factor fit, prior or evaluation of the
+cache and ``../shared``) whose ``params.yaml`` is composed from ``conf/`` with the run's
+overrides (as ``dvc exp run -S ...`` does) and in which ``dvc repro`` trains the adapters of its
+checkpoints (the ``export@`` stages and what they need: no factor fit, prior or evaluation of the
 pipeline's own). ``bench.priors`` then scores every variant post hoc on those adapters (one
 factor fit per normalisation, one Jacobian pass per basis and split) and writes
 ``bench/study/<run>.json`` and ``.md``; the table over runs, with the mean and spread over the
-default's fine-tuning seeds, goes to ``bench/study.md``. A run already trained (its adapters
-present) or already scored (its json present) is skipped: an interrupted study resumes.
+default's fine-tuning seeds, goes to ``bench/study.md``. An existing clone is moved to this
+project's HEAD and reproduced again, so DVC (and the fine-tuning checkpoints' code
+fingerprints) rerun exactly what changed; a run whose json records the provenance it would
+have now (:func:`bench.priors.provenance`: code, params, adapters) is not scored again. An
+interrupted study resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -24,12 +29,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.priors import provenance  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tuning run of the study: ``dvc exp run`` overrides and what to score."""
+    """One fine-tuning run of the study: its ``conf/`` overrides and what to score."""
 
     name: str
     overrides: tuple[str, ...] = ()
@@ -62,7 +71,9 @@ RUNS = (
             "finetune.save_every=450",
             "checkpoints=[0,450,900,1350]",
         ),
-        note="the generated task with 540 training prompts, 15 epochs as the default",
+        steps=(450, 1350),
+        note="the generated task with 540 training prompts, 15 epochs as the default (steps "
+        "450 and 1350 scored)",
     ),
     Run(
         "winogrande-s",
@@ -73,8 +84,10 @@ RUNS = (
             "finetune.save_every=270",
             "checkpoints=[0,270,540]",
         ),
-        n_test=500,
-        note="WinoGrande-S as in the README, the first 500 of its 1,267 dev prompts scored",
+        n_test=300,
+        steps=(540,),
+        note="WinoGrande-S as in the README, the last checkpoint on the first 300 of its 1,267 "
+        "dev prompts",
     ),
     Run(
         "obqa-arc_e",
@@ -135,7 +148,8 @@ def export_targets(run: Run) -> list[str]:
 
 
 def train(run: Run, workdir: Path) -> Path:
-    """Clone HEAD into ``workdir/<run>`` and train its adapters (skipped when present)."""
+    """Clone HEAD into ``workdir/<run>`` (or move the clone there) and reproduce the run's
+    adapters in it."""
     clone = workdir / run.name
     shared = workdir / "shared"
     if not shared.exists():
@@ -145,15 +159,12 @@ def train(run: Run, workdir: Path) -> Path:
         sh(["git", "clone", "-q", str(ROOT), str(clone)], workdir, env)
         sh([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(ROOT / ".dvc" / "cache")],
            clone, env)  # fmt: skip
-    raw = composed(run)
-    done = all(
-        (clone / "models" / m / d / "adapters" / f"step-{s}" / "adapter_model.safetensors").exists()
-        for m in raw["models"] for d in raw["datasets"] for s in raw["checkpoints"]
-    )  # fmt: skip
-    if not done:
-        sets = [x for o in run.overrides for x in ("-S", o)]
-        sh([sys.executable, "-m", "dvc", "exp", "run", "-n", f"study-{run.name}", *sets,
-            *export_targets(run)], clone, env)  # fmt: skip
+    else:  # this project's HEAD; DVC and the checkpoints' fingerprints decide what reruns
+        sh(["git", "fetch", "-q", str(ROOT), "HEAD"], clone, env)
+        sh(["git", "reset", "-q", "--hard", "FETCH_HEAD"], clone, env)
+    # params.yaml composed as `dvc exp run -S ...` would, then the export@ stages reproduced
+    (clone / "params.yaml").write_text(yaml.safe_dump(composed(run), sort_keys=False))
+    sh([sys.executable, "-m", "dvc", "repro", *export_targets(run)], clone, env)
     return clone
 
 
@@ -166,7 +177,13 @@ def score(run: Run, clone: Path, out_dir: Path) -> None:
         name = run.name if len(raw["datasets"]) == 1 else f"{run.name}-{dataset}"
         out = out_dir / f"{name}.json"
         if out.exists():
-            continue
+            steps = list(run.steps or raw["checkpoints"])
+            root = clone / "models" / raw["models"][0] / dataset
+            recorded = json.loads(out.read_text()).get("provenance")
+            if recorded == provenance(clone / "params.yaml", root, steps):
+                continue
+            print(f"{name}: code, params or adapters changed since it was scored; scoring again",
+                  file=sys.stderr)  # fmt: skip
         shift = run.score.get(dataset, ()) if run.score else ()
         cmd = [
             sys.executable, "-m", "bench.priors", "--params", str(clone / "params.yaml"),

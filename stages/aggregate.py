@@ -1,5 +1,6 @@
-"""Stage aggregate: Tables 2-3, the summary metric, plot csv files, Figure 1, reliability, and
-the methods comparison (metrics/comparison.md|csv) from the saved predictions."""
+"""Stage aggregate: the methods comparison (metrics/comparison.md|csv), the shift table, Tables
+2-3, the summary metric (every method), the plot csv files (curves and reliability bins of every
+method), Figure 1 and the reliability figure, from the saved predictions."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from lalora.comparison import (
     Predictions,
     compare,
     comparison_markdown,
+    finals,
     shift_markdown,
     shift_table,
 )
 from lalora.config import load_params
 from lalora.io import atomic_write_text, load_predictions, read_json
 from lalora.metrics import check_finite
-from lalora.report import dataset_label, write_all
+from lalora.report import dataset_label, reliability_table, write_all
 
 
 def main() -> None:
@@ -48,7 +50,6 @@ def main() -> None:
         label = dataset_label(d, params.dataset(d))
         labels[d] = d if label in labels.values() else label
     trained = {d: labels[d] for d in params.datasets}
-    write_all(results, list(params.models), trained, args.metrics, args.plots)
     members = {}
     for model in params.models:
         for dataset in params.datasets:
@@ -63,6 +64,7 @@ def main() -> None:
     table = compare(preds, cfg.ensemble_last, cfg.ece_bins, cfg.bootstrap, members=members)
     atomic_write_text(args.metrics / "comparison.csv", table.to_csv(index=False))
     atomic_write_text(args.metrics / "comparison.md", comparison_markdown(table, labels))
+    bins = reliability_table(finals(preds, cfg.ensemble_last, members), cfg.ece_bins)
     shifted = {}
     for model in params.models:
         for dataset in params.datasets:
@@ -72,6 +74,10 @@ def main() -> None:
     st = shift_table(shifted, labels)
     atomic_write_text(args.metrics / "shift.csv", st.to_csv(index=False))
     atomic_write_text(args.metrics / "shift.md", shift_markdown(st))
+    write_all(
+        results, list(params.models), trained, args.metrics, args.plots,
+        comparison=table, bins=bins, shifted=shifted,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

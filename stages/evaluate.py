@@ -45,6 +45,7 @@ def main() -> None:
     result["prior_precision"] = prior["prior_precision"]
     result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
     result["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
+    result["laplace_method"] = ev.laplace  # the configured posterior's key: la or la_val
     result["mean_logit_variance"] = float(torch.diagonal(ev.cov, dim1=1, dim2=2).mean())
     result["methods"] = sorted(ev.probs)
     result["info"] = ev.info

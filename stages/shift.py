@@ -70,7 +70,12 @@ def main() -> None:
         )
         if not dist.main:
             continue
-        result[target] = {"step": step, **ev.scores(params.evaluate.ece_bins), "info": ev.info}
+        result[target] = {
+            "step": step,
+            **ev.scores(params.evaluate.ece_bins),
+            "laplace_method": ev.laplace,
+            "info": ev.info,
+        }
         check_finite(result[target], f"shift {args.model} {args.dataset} -> {target}")
         save_predictions(
             args.predictions / f"{target}.safetensors", ev.probs, ev.labels, ev.ids, ev.info

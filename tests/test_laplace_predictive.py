@@ -292,3 +292,18 @@ def test_rebased_features_equal_a_pass_with_the_other_factors():
     low = fit_kfac(model, train, fn, mods, max_dense=3, rank=2)
     with pytest.raises(ValueError, match="low-rank"):
         rebase_features(jacobian_features(model, test, fn, mods, low), low, padded)
+
+    # a low-rank side that is the very same in both stays; the dense side that changed rotates
+    from dataclasses import replace
+
+    old = fit_kfac(model, train, fn, mods, max_dense=20, rank=3)  # lm_head's G (32): rank 3
+    head = "base_model.model.lm_head.lora_B.default"
+    assert old.modules[head].g.rank < old.modules[head].g.dim
+    other = old.modules["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default"].a
+    new = replace(old, modules={**old.modules, head: replace(old.modules[head], a=other)})
+    assert not torch.equal(other.evecs, old.modules[head].a.evecs)
+    rebased = rebase_features(jacobian_features(model, test, fn, mods, old), old, new)
+    direct = jacobian_features(model, test, fn, mods, new)
+    report_close(rebased.proj[head], direct.proj[head], atol=1e-10)
+    lam = new.with_prior(0.7)
+    report_close(logit_covariance(rebased, lam), logit_covariance(direct, lam), atol=1e-10)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from lalora.comparison import METHOD_NAMES
 from lalora.io import load_predictions
 from lalora.metrics import score
 
@@ -53,6 +54,16 @@ def repro(repo: Path, env: dict) -> set[str]:
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert "sources" in ran
     return ran - {"sources"}
+
+
+def stale(repo: Path, env: dict) -> set[str]:
+    """The stages ``dvc status`` finds out of date (their own deps or params changed), but
+    ``sources``: what ``dvc repro`` would run first."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return {k.split(":")[-1] for k in json.loads(out)} - {"sources"}
 
 
 def edit_params(repo: Path, fn) -> None:
@@ -182,46 +193,66 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
         assert (repo / f).exists(), f
     assert repro(repo, env) == set()
 
+    # one model's card invalidates exactly that model's branch (what DVC would rerun first;
+    # the rest follows from their outputs), and undoing it leaves nothing to do
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.2))
-    assert repro(repo, env) == stages_b | {"aggregate", "shift@tiny-b-generated"}
+    assert stale(repo, env) == stages_b - {f"export@tiny-b-generated-{k}" for k in (0, 2)} | {
+        "shift@tiny-b-generated"
+    }
+    edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.1))
+    assert stale(repo, env) == set()
 
     # keys only aggregate reads rerun only aggregate
     edit_params(repo, lambda p: p["evaluate"].update(bootstrap=60, ensemble_last=1))
     assert repro(repo, env) == {"aggregate"}
 
-    # a prior change reruns every tune_prior, and nothing upstream of it
-    edit_params(repo, lambda p: p["prior"].update(grid=31, evidence="linear"))
-    ran = repro(repo, env)
+    # a prior change invalidates every tune_prior and nothing else; a kfac change every fit_kfac
     every = stages_a | stages_b
-    assert {s for s in every if s.startswith("tune_prior")} <= ran
-    assert (
-        ran
-        <= {s for s in every if s.startswith(("tune_prior", "evaluate"))} | {"aggregate"} | shifts
-    )
-
-    prior = json.loads((repo / "models/tiny-a/generated/prior/step-2.json").read_text())
-    assert prior["evidence"] == "linear" and prior["normalisation"] == "rows"
-    curvature = prior["methods"]["la"]["curvature"]
-    assert curvature["delta_sq"] == pytest.approx(prior["methods"]["la"]["theta_sq"])
-    assert 0 < prior["symmetry"]["share"] < 1 and prior["fisher_trace"] > 0
-
+    edit_params(repo, lambda p: p["prior"].update(grid=31, evidence="linear"))
+    assert stale(repo, env) == {s for s in every if s.startswith("tune_prior")}
     edit_params(repo, lambda p: p["kfac"].update(rank=5, normalisation="sequences_padded"))
+    assert stale(repo, env) == {s for s in every if s.startswith(("fit_kfac", "tune_prior"))}
     ran = repro(repo, env)
-    assert {s for s in every if s.startswith("fit_kfac")} <= ran
+    assert {s for s in every if s.startswith(("fit_kfac", "tune_prior"))} <= ran
     assert (
         ran
         <= {s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))}
         | {"aggregate"}
         | shifts
     )
+    prior = json.loads((repo / "models/tiny-a/generated/prior/step-2.json").read_text())
+    assert prior["evidence"] == "linear" and prior["normalisation"] == "sequences_padded"
+    curvature = prior["methods"]["la"]["curvature"]
+    assert curvature["delta_sq"] == pytest.approx(prior["methods"]["la"]["theta_sq"])
+    assert 0 < prior["symmetry"]["share"] < 1 and prior["fisher_trace"] > 0
     post = json.loads((repo / "models/tiny-a/generated/kfac/step-2/posterior.json").read_text())
     assert post["normalisation"] == "sequences_padded"
 
-    shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
-    data = json.dumps(shown)
-    for key in ('"tiny-a"', '"tiny-b"', '"generated"', '"map"', '"laplace"', '"nll"', '"ece"'):
-        assert key in data
     table = pd.read_csv(repo / "metrics" / "comparison.csv")
+    # DVC's metric: every method of the comparison, with comparison.csv's values
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo, env))
+    (workspace,) = shown.values()  # {"": {"data": {file: {"data": ...}}}}
+    summary = workspace["data"]["metrics/summary.json"]["data"]
+    keys = {"map", "la", "la_val", "llla", "temperature", "mc_dropout", "ensemble"}
+    for model in ("tiny-a", "tiny-b"):
+        assert keys <= set(summary[model]["generated"])
+    for row in table.itertuples():
+        entry = summary[row.model][row.dataset][row.key]
+        assert entry[row.metric.lower()] == pytest.approx(row.value, rel=1e-12)
+        if row.metric in ("NLL", "ECE"):
+            k = row.metric.lower()
+            assert entry[f"{k}_lo"] == pytest.approx(row.low, rel=1e-12)
+    # DVC's plots: a series per model and per-checkpoint method, and the reliability bins
+    plots = json.loads(sh([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, env))
+    names = ["MAP", "LA", "LA (val)", "LLLA", "Temperature scaling", "MC dropout"]
+    for title, methods in (
+        ("NLL against gradient steps", names),
+        ("Reliability at the final checkpoint", [*names, "Checkpoint ensemble"]),
+    ):
+        series = {f"{m} generated {n}" for m in ("tiny-a", "tiny-b") for n in methods}
+        content = plots["data"][title][0]["content"]
+        values = content.get("data") or content["layer"][1]["data"]
+        assert {v["series"] for v in values["values"]} == series, title
     expected = {
         "MAP", "LA", "LA (val)", "LLLA", "Temperature scaling", "MC dropout",
         "Checkpoint ensemble",
@@ -323,14 +354,19 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     shift = json.loads((repo / "metrics" / "shift" / "tiny-a" / "obqa.json").read_text())
     assert set(shift) == {"arc_e", "arc_small"} and shift["arc_e"]["step"] == 2
     assert not any("arc_small" in s and s.startswith("prepare") for s in ran)
-    assert {"map", "laplace", "la", "la_val", "llla", "temperature", "mc_dropout"} <= set(
-        shift["arc_e"]
-    )
+    assert {"map", "la", "la_val", "llla", "temperature", "mc_dropout"} <= set(shift["arc_e"])
+    assert shift["arc_e"]["laplace_method"] == "la_val" and "laplace" not in shift["arc_e"]
     assert json.loads((repo / "metrics" / "shift" / "tiny-a" / "arc_e.json").read_text()) == {}
     table = pd.read_csv(repo / "metrics" / "shift.csv")
     pairs = set(zip(table.train, table.test, strict=True))
     assert pairs == {("OBQA", "ARC-E"), ("OBQA", "arc_small")}, pairs
     assert len(table) == 12  # MAP, LA, LA (val), LLLA, temperature, MC dropout per target
+    summary = json.loads((repo / "metrics" / "summary.json").read_text())["tiny-a"]
+    assert "shift" not in summary["arc_e"]
+    for row in table.itertuples():
+        key = {"ARC-E": "arc_e", "arc_small": "arc_small"}[row.test]
+        method = next(k for k, v in METHOD_NAMES.items() if v == row.method)
+        assert summary["obqa"]["shift"][key][method]["nll"] == pytest.approx(row.NLL, rel=1e-12)
     comparison = pd.read_csv(repo / "metrics" / "comparison.csv")
     assert set(comparison.dataset) == {"obqa", "arc_e"}
     assert "Deep ensemble" in set(comparison.method)
@@ -367,6 +403,16 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     assert repro(repo, env) == set()
 
 
+def experiments(shown: list[dict]) -> list[dict]:
+    """Every row of ``dvc exp show --json``: the baselines and the experiments under them."""
+    rows = []
+    for base in shown:
+        rows.append(base)
+        for group in base.get("experiments") or []:
+            rows.extend(group.get("revs", []))
+    return rows
+
+
 def split_lines(repo: Path, dataset: str) -> list[str]:
     return (repo / "data" / dataset / "test.jsonl").read_text().splitlines()[1:]
 
@@ -401,7 +447,21 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     else:
         raise AssertionError(f"queue did not finish:\n{status}")
     shown = json.loads(sh([*dvc, "exp", "show", "--json"], repo, env))
-    text = json.dumps(shown)
-    assert '"grid-21"' in text and '"grid-31"' in text
-    md = sh([*dvc, "exp", "show", "--md", "--keep", "prior.grid"], repo, env)
+    runs = {e["name"]: e["data"] for e in experiments(shown) if e.get("name")}
+    methods = {"map", "la", "la_val", "llla", "temperature", "mc_dropout", "ensemble",
+               "deep_ensemble"}  # fmt: skip
+    for name in ("grid-21", "grid-31"):
+        summary = runs[name]["metrics"]["metrics/summary.json"]["data"]["tiny-a"]["obqa"]
+        assert {k for k in methods if "nll" in summary.get(k, {})} == methods, (name, summary)
+        assert runs[name]["params"]["params.yaml"]["data"]["prior"]["grid"] == int(name[-2:])
+    # the README's command comparing methods across experiments
+    readme = (repo / "README.md").read_text()
+    command = next(
+        line.split("#")[0].split() for line in readme.splitlines()
+        if line.startswith("dvc exp show --md --drop")
+    )  # fmt: skip
+    md = sh([sys.executable, "-m", *[a.strip("'") for a in command]], repo, env)
+    header = md.splitlines()[0]
     assert "grid-21" in md and "grid-31" in md
+    assert "tiny-a.obqa.la_val.nll" in header and "tiny-a.obqa.temperature.nll" in header
+    assert "shift" not in header and "nll_lo" not in header

@@ -50,19 +50,26 @@ def _same_examples(members: list[Predictions], final: Predictions, what: str) ->
     return [p.probs["map"] for p in members]
 
 
-def compare(
+@dataclass(frozen=True)
+class Final:
+    """One (model, dataset)'s final checkpoint: its step, labels (N,) and the predictive
+    probabilities (N, C) of every method, in :data:`METHOD_NAMES`' order (the checkpoint and
+    deep ensembles included when configured)."""
+
+    step: int
+    labels: Tensor
+    probs: dict[str, Tensor]
+
+
+def finals(
     preds: dict[tuple[str, str, int], Predictions],
     ensemble_last: int,
-    n_bins: int = 10,
-    resamples: int = 1000,
-    seed: int = 0,
     members: dict[tuple[str, str], list[Predictions]] | None = None,
-) -> pd.DataFrame:
-    """Long table: model, dataset, method, metric, value, low, high (the 95% interval), at each
-    (model, dataset)'s final checkpoint, one row per method of :data:`METHOD_NAMES` present.
-    ``members[(model, dataset)]``: the deep ensemble's extra runs (their final MAP
-    predictions); the row is there when one is given."""
-    rows = []
+) -> dict[tuple[str, str], Final]:
+    """Every method at each (model, dataset)'s final checkpoint: the saved ones, the checkpoint
+    ensemble of the last ``ensemble_last`` checkpoints' MAP predictions (when > 0) and the deep
+    ensemble of the final MAP and ``members[(model, dataset)]``' (when given)."""
+    out = {}
     for model, dataset in dict.fromkeys((m, d) for m, d, _ in preds):
         steps = sorted(s for m, d, s in preds if (m, d) == (model, dataset))
         final = preds[(model, dataset, steps[-1])]
@@ -77,10 +84,25 @@ def compare(
             methods["deep_ensemble"] = checkpoint_ensemble(
                 _same_examples([final, *runs], final, what)
             )
-        for method in METHOD_NAMES:
-            if method not in methods:
-                continue
-            probs = methods[method]
+        ordered = {m: methods[m] for m in METHOD_NAMES if m in methods}
+        out[(model, dataset)] = Final(steps[-1], final.labels, ordered)
+    return out
+
+
+def compare(
+    preds: dict[tuple[str, str, int], Predictions],
+    ensemble_last: int,
+    n_bins: int = 10,
+    resamples: int = 1000,
+    seed: int = 0,
+    members: dict[tuple[str, str], list[Predictions]] | None = None,
+) -> pd.DataFrame:
+    """Long table: model, dataset, method, key, metric, value, low, high (the 95% interval),
+    step, at each (model, dataset)'s final checkpoint, one row per method of :func:`finals`
+    and metric (``method``: the display name, ``key``: the method's key, e.g. ``la_val``)."""
+    rows = []
+    for (model, dataset), final in finals(preds, ensemble_last, members).items():
+        for method, probs in final.probs.items():
             point = score(probs, final.labels, n_bins)
             ci = bootstrap_intervals(probs, final.labels, n_bins, resamples, seed=seed)
             for metric in METRICS:
@@ -89,11 +111,12 @@ def compare(
                         "model": model,
                         "dataset": dataset,
                         "method": METHOD_NAMES[method],
+                        "key": method,
                         "metric": metric.upper() if metric != "brier" else "Brier",
                         "value": getattr(point, metric),
                         "low": ci[metric].low,
                         "high": ci[metric].high,
-                        "step": steps[-1],
+                        "step": final.step,
                     }
                 )
     return pd.DataFrame(rows)

@@ -33,17 +33,24 @@ from lalora.pipeline import load_split_run
 LAPLACE_METHODS = ("la", "la_val", "llla")
 
 
+def configured_method(prior_method: str) -> str:
+    """The method key of the configured Laplace posterior: ``la`` for a marginal-likelihood
+    prior, ``la_val`` for a validation-NLL one."""
+    return "la" if prior_method == "marglik" else "la_val"
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Predictive probabilities (N, C) per method, labels (N,), example ids, the tuned prior
-    file's content, fitted quantities (``info``: the temperature) and the configured Laplace
-    posterior's contrast covariance (N, K, K)."""
+    file's content, fitted quantities (``info``: the temperature), the configured Laplace
+    posterior's method key (``la`` or ``la_val``) and its contrast covariance (N, K, K)."""
 
     probs: dict[str, Tensor]
     labels: Tensor
     ids: list[str]
     prior: dict
     info: dict
+    laplace: str
     cov: Tensor
 
     def scores(self, n_bins: int) -> dict[str, dict]:
@@ -51,11 +58,18 @@ class Evaluation:
 
 
 def posteriors(kfac: Path, prior_path: Path, prior: dict, methods: tuple[str, ...]) -> dict:
-    """The tuned posteriors to evaluate: ``laplace`` (the configured prior) and each Laplace
-    method of ``methods`` that tune_prior computed (LLLA restricted to the lm_head LoRA)."""
+    """The tuned posteriors to evaluate, each once: the configured one (under its method key,
+    :func:`configured_method`) and each Laplace method of ``methods`` that tune_prior computed
+    (LLLA restricted to the lm_head LoRA)."""
     base = Posterior.load(kfac)
     tuned = prior.get("methods", {})
-    wanted = {"laplace": prior} | {m: tuned.get(m) for m in methods if m in LAPLACE_METHODS}
+    if prior.get("method") not in ("marglik", "val_nll"):
+        what = f"unknown prior method {prior.get('method')!r}"
+        raise ArtifactError(prior_path, what, "tune_prior")
+    configured = configured_method(prior["method"])
+    wanted = {configured: prior} | {
+        m: tuned.get(m) for m in methods if m in LAPLACE_METHODS and m != configured
+    }
     out = {}
     for key, entry in wanted.items():
         if entry is None:
@@ -117,4 +131,5 @@ def evaluate_split(
             run.model, run.batches, run.logits_fn, cfg.mc_samples, pred.seed, dist=d
         )
     ids = [e.id for e in read_split(test).examples]
-    return Evaluation(probs, run.labels, ids, prior, info, covs["laplace"])
+    laplace = configured_method(prior["method"])
+    return Evaluation(probs, run.labels, ids, prior, info, laplace, covs[laplace])

@@ -7,7 +7,7 @@ Artifact layout (``dvc.yaml`` names the same paths):
     models/<model>/<dataset>/adapters/step-<N>/          exported PEFT adapters
     models/<model>/<dataset>/kfac/step-<N>/              Kronecker factors (no prior yet)
     models/<model>/<dataset>/prior/step-<N>.json         tuned prior precision and log Z
-    metrics/checkpoints/<model>/<dataset>/step-<N>.json  MAP and Laplace metrics
+    metrics/checkpoints/<model>/<dataset>/step-<N>.json  every method's metrics
     predictions/<model>/<dataset>/step-<N>.safetensors   per-example probabilities per method
     models/<model>/<dataset>/members/seed-<s>/           the deep ensemble's extra runs
     predictions/members/<model>/<dataset>/               their final MAP predictions

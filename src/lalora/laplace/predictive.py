@@ -373,21 +373,27 @@ def _lams(post: Posterior, names: tuple[str, ...]) -> Tensor:
 def rebase_features(features: JacobianFeatures, old: Posterior, new: Posterior) -> JacobianFeatures:
     """The features of ``new`` from those computed with ``old`` (same model and data, other
     factors, e.g. another normalisation): per module, P' = (Q'_G^T Q_G) P (Q_A^T Q'_A), exact
-    when both of ``old``'s sides are complete eigenbases (dense, perp = 0); a module whose
-    factors are the very same in both needs nothing. Raises ValueError for a module with a
-    low-rank side that changed (its features need a Jacobian pass with ``new``)."""
+    when each side that differs is a complete eigenbasis in ``old`` (dense, perp = 0); a side
+    whose eigenvectors are the very same in both is left as it is (e.g. ``lm_head``'s low-rank
+    output-gradient side, when only its input side changed). Raises ValueError for a module with
+    a low-rank side that changed (its features need a Jacobian pass with ``new``)."""
     proj = {}
     for name, m in new.modules.items():
         o = old.modules[name]
-        same = all(torch.equal(getattr(o, s).evecs, getattr(m, s).evecs) for s in ("a", "g"))
-        if same:
-            proj[name] = features.proj[name]
-            continue
-        if o.a.rank != o.a.dim or o.g.rank != o.g.dim:
-            raise ValueError(f"module {name}: low-rank factors changed; recompute its features")
-        rg = m.g.evecs.double().T @ o.g.evecs.double()  # (k'_g, d_out)
-        ra = o.a.evecs.double().T @ m.a.evecs.double()  # (d_in, k'_a)
-        proj[name] = rg @ features.proj[name] @ ra
+        p = features.proj[name]
+        for side in ("g", "a"):
+            before, after = getattr(o, side), getattr(m, side)
+            if torch.equal(before.evecs, after.evecs):
+                continue
+            if before.rank != before.dim:
+                raise ValueError(
+                    f"module {name}: low-rank {side.upper()} factor changed; recompute its features"
+                )
+            if side == "g":
+                p = (after.evecs.double().T @ before.evecs.double()) @ p  # (k'_g, d_out) P
+            else:
+                p = p @ (before.evecs.double().T @ after.evecs.double())  # P (d_in, k'_a)
+        proj[name] = p
     return replace(features, proj=proj)
 
 
