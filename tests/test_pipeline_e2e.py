@@ -208,18 +208,15 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
 
     # a prior change invalidates every tune_prior and nothing else; a kfac change every fit_kfac
     every = stages_a | stages_b
+    saved = yaml.safe_load((repo / "params.yaml").read_text())
     edit_params(repo, lambda p: p["prior"].update(grid=31, evidence="linear"))
     assert stale(repo, env) == {s for s in every if s.startswith("tune_prior")}
     edit_params(repo, lambda p: p["kfac"].update(rank=5, normalisation="sequences_padded"))
     assert stale(repo, env) == {s for s in every if s.startswith(("fit_kfac", "tune_prior"))}
-    ran = repro(repo, env)
-    assert {s for s in every if s.startswith(("fit_kfac", "tune_prior"))} <= ran
-    assert (
-        ran
-        <= {s for s in every if s.startswith(("fit_kfac", "tune_prior", "evaluate"))}
-        | {"aggregate"}
-        | shifts
-    )
+    # one checkpoint's prior under the new settings: its factor fit and prior run, nothing else
+    args = [sys.executable, "-m", "dvc", "repro", "tune_prior@tiny-a-generated-2"]
+    ran = set(re.findall(r"Running stage '([^']+)'", sh(args, repo, env))) - {"sources"}
+    assert ran == {"fit_kfac@tiny-a-generated-2", "tune_prior@tiny-a-generated-2"}
     prior = json.loads((repo / "models/tiny-a/generated/prior/step-2.json").read_text())
     assert prior["evidence"] == "linear" and prior["normalisation"] == "sequences_padded"
     curvature = prior["methods"]["la"]["curvature"]
@@ -227,6 +224,11 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     assert 0 < prior["symmetry"]["share"] < 1 and prior["fisher_trace"] > 0
     post = json.loads((repo / "models/tiny-a/generated/kfac/step-2/posterior.json").read_text())
     assert post["normalisation"] == "sequences_padded"
+    # back to the earlier settings: DVC's run cache restores those outputs, nothing runs
+    edit_params(repo, lambda p: p.update(prior=saved["prior"], kfac=saved["kfac"]))
+    assert repro(repo, env) == set()
+    prior = json.loads((repo / "models/tiny-a/generated/prior/step-2.json").read_text())
+    assert prior["evidence"] == "standard" and prior["normalisation"] == "rows"
 
     table = pd.read_csv(repo / "metrics" / "comparison.csv")
     # DVC's metric: every method of the comparison, with comparison.csv's values
@@ -267,18 +269,27 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
 
 
 def test_two_processes_rerun_nothing_and_reproduce_the_metrics(repo):
-    """``launch.nproc_per_node`` is no stage's dependency; forced, the tiny-a branch rerun
-    under torchrun with 2 processes gives the 1-process metrics."""
+    """``launch.nproc_per_node`` is no stage's dependency; forced, tiny-a's last checkpoint
+    rerun from its factor fit on under torchrun with 2 processes gives the 1-process metrics
+    (fine-tuning on 2 processes: ``tests/test_distributed.py``)."""
     repo, env = repo
     repro(repo, env)
     path = repo / "metrics" / "checkpoints" / "tiny-a" / "generated" / "step-2.json"
     before = json.loads(path.read_text())
     edit_params(repo, lambda p: p["launch"].update(nproc_per_node=2))
     assert repro(repo, env) == set()
-    args = [sys.executable, "-m", "dvc", "repro", "-f", "--downstream", "finetune@tiny-a-generated"]
+    args = [
+        sys.executable,
+        "-m",
+        "dvc",
+        "repro",
+        "-f",
+        "--downstream",
+        "fit_kfac@tiny-a-generated-2",
+    ]
     out = sh(args, repo, env)
     assert "launch: 2 processes (torchrun) for stages/evaluate.py" in out
-    assert {"finetune@tiny-a-generated", "evaluate@tiny-a-generated-2"} <= set(
+    assert {"fit_kfac@tiny-a-generated-2", "evaluate@tiny-a-generated-2"} <= set(
         re.findall(r"Running stage '([^']+)'", out)
     )
     after = json.loads(path.read_text())
@@ -431,15 +442,16 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     sh([*dvc, "config", "hydra.enabled", "false"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], repo, env)
-    for grid in (21, 31):
-        sh([*dvc, "exp", "run", "--queue", "-n", f"grid-{grid}", "-S", f"prior.grid={grid}"],
+    # evaluate.bootstrap: only aggregate reruns in each experiment
+    for n in (41, 61):
+        sh([*dvc, "exp", "run", "--queue", "-n", f"boot-{n}", "-S", f"evaluate.bootstrap={n}"],
            repo, env)  # fmt: skip
     sh([*dvc, "queue", "start", "--jobs", "2"], repo, env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         status = sh([*dvc, "queue", "status"], repo, env)
         if "Failed" in status:
-            logs = sh([*dvc, "queue", "logs", "grid-21"], repo, env)
+            logs = sh([*dvc, "queue", "logs", "boot-41"], repo, env)
             raise AssertionError(f"{status}\n{logs[-3000:]}")
         if status.count("Success") == 2:
             break
@@ -450,10 +462,11 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     runs = {e["name"]: e["data"] for e in experiments(shown) if e.get("name")}
     methods = {"map", "la", "la_val", "llla", "temperature", "mc_dropout", "ensemble",
                "deep_ensemble"}  # fmt: skip
-    for name in ("grid-21", "grid-31"):
+    for name in ("boot-41", "boot-61"):
         summary = runs[name]["metrics"]["metrics/summary.json"]["data"]["tiny-a"]["obqa"]
         assert {k for k in methods if "nll" in summary.get(k, {})} == methods, (name, summary)
-        assert runs[name]["params"]["params.yaml"]["data"]["prior"]["grid"] == int(name[-2:])
+        params = runs[name]["params"]["params.yaml"]["data"]
+        assert params["evaluate"]["bootstrap"] == int(name[-2:])
     # the README's command comparing methods across experiments
     readme = (repo / "README.md").read_text()
     command = next(
@@ -462,6 +475,6 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     )  # fmt: skip
     md = sh([sys.executable, "-m", *[a.strip("'") for a in command]], repo, env)
     header = md.splitlines()[0]
-    assert "grid-21" in md and "grid-31" in md
+    assert "boot-41" in md and "boot-61" in md
     assert "tiny-a.obqa.la_val.nll" in header and "tiny-a.obqa.temperature.nll" in header
     assert "shift" not in header and "nll_lo" not in header
