@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                  "--adapter", str(root / "adapters" / f"step-{step}"),
                  "--kfac", str(root / "kfac" / f"step-{step}"),
                  "--prior", str(root / "prior" / f"step-{step}.json"),
-                 "--data", f"data/{dataset}/test.jsonl", "--val", f"data/{dataset}/val.jsonl",
+                 "--data", f"data/{dataset}/test.jsonl",
                  "--out", str(out / "metrics.json"), "--predictions", str(pred)],
                 nproc, threads, local,
             )  # fmt: skip

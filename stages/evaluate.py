@@ -27,16 +27,13 @@ def main() -> None:
     parser.add_argument("--kfac", type=Path, required=True)
     parser.add_argument("--prior", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--val", type=Path, required=True, help="for temperature scaling")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     args = parser.parse_args()
 
     params = load_params(args.params)
     dist = init()
-    ev = evaluate_split(
-        params, args.model, args.adapter, args.kfac, args.prior, args.data, args.val, dist=dist
-    )
+    ev = evaluate_split(params, args.model, args.adapter, args.kfac, args.prior, args.data, dist)
     if not dist.main:
         return finish(dist)
     prior = ev.prior

@@ -8,6 +8,7 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.data import DataError, read_split
+from lalora.devices import resolve
 from lalora.distributed import finish, init
 from lalora.finetune import train
 from lalora.io import atomic_write_text
@@ -31,7 +32,8 @@ def main() -> None:
     split = read_split(args.data)
     if not split.examples:
         raise DataError(f"{args.data}: no training examples; check data.* in params.yaml")
-    tok, base = load_card_model(card, seed=params.finetune.seed)
+    device = resolve(params.launch.device)
+    tok, base = load_card_model(card, seed=params.finetune.seed, device=device)
     truncation(tok, split.examples, params.finetune.max_length, f"finetune {args.data}")
     model = attach_lora(base, card, seed=params.finetune.seed)
     # the run: model card, schedule, data, and the code and libraries that train it
@@ -40,7 +42,7 @@ def main() -> None:
         model,
         tok,
         list(split.examples),
-        answer_token_ids(tok, split.answers),
+        answer_token_ids(tok, split.answers, [e.prompt for e in split.examples]),
         params.finetune,
         args.out,
         run_id,

@@ -15,10 +15,12 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import ConfigError, Params, load_params
 from lalora.data import answers_of, load_splits, write_split
+from lalora.devices import resolve
 from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
 from lalora.metrics import check_finite
+from lalora.pipeline import load_adapted
 
 
 def test_split(params: Params, target: str, data_dir: Path, scratch: Path) -> Path:
@@ -52,21 +54,26 @@ def main() -> None:
     answers = answers_of(params.dataset(args.dataset).name)
     result = {}
     scratch = Path(tempfile.mkdtemp(prefix="lalora-shift-"))
+    adapter = root / "adapters" / f"step-{step}"
+    loaded = None  # the model, loaded once for every target
     for target in params.shifted(args.dataset):
         if answers_of(params.dataset(target).name) != answers:
             raise ConfigError(
                 f"shift.{args.dataset}: {target} answers {answers_of(params.dataset(target).name)}"
                 f", {args.dataset} answers {answers}: a shifted test set needs the same answers"
             )
+        if loaded is None:
+            card = params.card(args.model)
+            loaded = load_adapted(card, adapter, device=resolve(params.launch.device))
         ev = evaluate_split(
             params,
             args.model,
-            root / "adapters" / f"step-{step}",
+            adapter,
             root / "kfac" / f"step-{step}",
             root / "prior" / f"step-{step}.json",
             test_split(params, target, args.data_dir, scratch),
-            args.data_dir / args.dataset / "val.jsonl",
             dist=dist,
+            loaded=loaded,
         )
         if not dist.main:
             continue

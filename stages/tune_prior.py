@@ -6,6 +6,7 @@ import argparse
 import math
 from pathlib import Path
 
+from lalora.baselines import fit_temperature
 from lalora.cli import run
 from lalora.config import ConfigError, Params, load_params
 from lalora.distributed import current, finish, init
@@ -129,6 +130,11 @@ def main() -> None:
             else tune_on_validation(params, args, sub, val)
         )
     configured = tuned["la" if pr.method == "marglik" else "la_val"]
+    # temperature scaling reads the same validation logits (the MAP's, from the features)
+    temperature = None
+    if val is not None:
+        T, edge = fit_temperature(val[0].mean, val[1])
+        temperature = {"T": T, "at_edge": edge}
     result = {
         "method": pr.method,
         "structure": pr.structure,
@@ -141,6 +147,7 @@ def main() -> None:
         "fisher_trace": post.fisher_trace,
         "symmetry": symmetry,
         "methods": {k: entry(params, v) for k, v in tuned.items()},
+        "temperature": temperature,
     }
     check_finite(result, args.where)
     atomic_write_json(args.out, result)

@@ -66,7 +66,7 @@ def mc_dropout_probs(
         torch.manual_seed(seed * 1_000_003 + index)
         return (
             sum(torch.softmax(logits_fn(model, b).double(), -1) for _ in range(samples)) / samples
-        )
+        ).cpu()
 
     state = torch.get_rng_state()
     was = [m.training for m in dropouts]

@@ -231,15 +231,25 @@ class LaunchConfig:
     else gloo) and ``threads`` CPU threads per process (0: torch's default, 1 per process
     under torchrun). ``memory_gb``: the memory the factor fit and the predictive may use
     (0: what the machine has available; :mod:`lalora.memory` refuses a setting estimated to
-    need more). The stages do not declare these keys: results equal the 1-process run's (to
-    round-off), so changing them reruns nothing."""
+    need more; on CUDA also one above the GPU's free memory). ``device``: where the model
+    computes (``auto``: ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``; or ``cpu``, ``cuda``,
+    ``cuda:N``; :mod:`lalora.devices`). The stages do not declare these keys: results equal
+    the 1-process CPU run's (to round-off), so changing them reruns nothing."""
 
     nproc_per_node: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     threads: int = 0
     memory_gb: float = 0.0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+            raise ConfigError(f"launch.device {self.device!r}: expected auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda:") and self.nproc_per_node > 1:
+            raise ConfigError(
+                f"launch.device {self.device} names one GPU for {self.nproc_per_node} processes: "
+                "use cuda or auto (each process takes the GPU of its LOCAL_RANK)"
+            )
         if self.memory_gb < 0:
             raise ConfigError(f"launch.memory_gb must be >= 0 (0: what the machine has), got "
                               f"{self.memory_gb}")  # fmt: skip

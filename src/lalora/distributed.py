@@ -107,7 +107,9 @@ def shard(items: list[T], d: Dist, what: str = "batches", allow_empty: bool = Fa
 def _device(d: Dist) -> torch.device:
     import torch.distributed as dist
 
-    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_reduce_(t: Tensor, d: Dist) -> Tensor:

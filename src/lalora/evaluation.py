@@ -3,7 +3,10 @@
 One forward and C - 1 backward passes per batch give the MAP logits and the Jacobians from which
 the linearised predictive of every Laplace posterior is computed (the configured one, LA with the
 marginal-likelihood prior, LA with the validation-NLL prior, LLLA on the ``lm_head`` LoRA);
-temperature scaling reads the validation split's MAP logits; MC dropout runs its own passes.
+temperature scaling divides them by the temperature ``tune_prior`` fitted on the validation
+split's MAP logits (read from the prior file, so the validation split is not run again); MC
+dropout runs its own passes. The model is loaded once per stage: ``shift`` passes the loaded
+model to every target.
 Used by the ``evaluate`` stage (the dataset's own test split) and the ``shift`` stage (other
 datasets' test splits).
 """
@@ -18,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lalora.baselines import fit_temperature, mc_dropout_probs
+from lalora.baselines import mc_dropout_probs
 from lalora.config import Params
 from lalora.data import read_split
-from lalora.distributed import SINGLE, Dist, map_batches
+from lalora.distributed import SINGLE, Dist
 from lalora.errors import ArtifactError
 from lalora.io import read_json
 from lalora.laplace.posterior import Posterior
@@ -90,6 +93,20 @@ def posteriors(kfac: Path, prior_path: Path, prior: dict, methods: tuple[str, ..
     return out
 
 
+def temperature(prior: dict, prior_path: Path) -> dict:
+    """The temperature that ``tune_prior`` fitted on the validation logits, ``{"T", "at_edge"}``;
+    an ArtifactError when it has none (no validation split)."""
+    found = prior.get("temperature")
+    if not isinstance(found, dict) or not isinstance(found.get("T"), int | float):
+        raise ArtifactError(
+            prior_path,
+            "no fitted temperature: temperature scaling needs a validation split (set "
+            "data.<dataset>.val_size > 0, or drop temperature from evaluate.methods)",
+            "tune_prior",
+        )
+    return {"T": float(found["T"]), "at_edge": found.get("at_edge")}
+
+
 def evaluate_split(
     params: Params,
     model_name: str,
@@ -97,13 +114,14 @@ def evaluate_split(
     kfac: Path,
     prior_path: Path,
     test: Path,
-    val: Path,
     dist: Dist | None = None,
+    loaded: tuple | None = None,
 ) -> Evaluation:
     """Every method of ``params.evaluate.methods`` (and MAP, and the configured Laplace
-    posterior) on the prepared split ``test``; ``val`` is the training dataset's validation
-    split (temperature scaling). With ``dist`` the batches are split over the processes and
-    every process returns the whole evaluation."""
+    posterior) on the prepared split ``test``. ``loaded``: the (tokenizer, model) of
+    :func:`lalora.pipeline.load_adapted` for ``adapter``, when the caller has it (else it is
+    loaded here). With ``dist`` the batches are split over the processes and every process
+    returns the whole evaluation."""
     d = dist or SINGLE
     cfg, pred = params.evaluate, params.predictive
     n_choices = len(read_split(test).answers)
@@ -111,7 +129,7 @@ def evaluate_split(
           params.launch.memory_gb, "evaluate")  # fmt: skip
     prior = read_json(prior_path, "tune_prior")
     posts = posteriors(kfac, prior_path, prior, cfg.methods)
-    run = load_split_run(params, model_name, adapter, test, cfg.batch_size)
+    run = load_split_run(params, model_name, adapter, test, cfg.batch_size, loaded)
     mean, covs = predict_covariances(
         run.model, run.batches, run.logits_fn, run.modules, posts, progress=d.main, dist=d
     )
@@ -120,12 +138,8 @@ def evaluate_split(
         probs[key] = predictive_probs(mean, cov, pred.link, pred.samples, pred.seed)
     info: dict = {"truncated": run.truncated}
     if "temperature" in cfg.methods:
-        v = load_split_run(params, model_name, adapter, val, cfg.batch_size)
-        with torch.no_grad():
-            val_logits = map_batches(lambda _, b: v.logits_fn(v.model, b), v.batches, d)
-        t, edge = fit_temperature(val_logits, v.labels)
-        probs["temperature"] = torch.softmax(mean / t, -1)
-        info["temperature"] = {"T": t, "at_edge": edge}
+        info["temperature"] = temperature(prior, prior_path)
+        probs["temperature"] = torch.softmax(mean / info["temperature"]["T"], -1)
     if "mc_dropout" in cfg.methods:
         probs["mc_dropout"] = mc_dropout_probs(
             run.model, run.batches, run.logits_fn, cfg.mc_samples, pred.seed, dist=d

@@ -391,6 +391,7 @@ def _step(
         [examples[i].label for i in idx],
         cfg.max_length,
         cuts=[examples[i].cut for i in idx],
+        device=next(model.parameters()).device,
     )
     for drop in dropouts:
         drop.keys = [mix(cfg.seed, step, j) for j in range(lo, hi)]

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lalora.config import Params
 from lalora.data import DataError, read_split
+from lalora.devices import resolve
 from lalora.distributed import SINGLE, Dist, map_batches
 from lalora.finetune import train
 from lalora.models import answer_token_ids, attach_lora, load_card_model
@@ -47,13 +48,14 @@ def train_member(
     for path, s in ((train_path, split), (test_path, test)):
         if not s.examples:
             raise DataError(f"{path}: no examples; check data.* in params.yaml")
-    tok, base = load_card_model(card, seed=seed)
+    device = resolve(params.launch.device)
+    tok, base = load_card_model(card, seed=seed, device=device)
     model = attach_lora(base, card, seed=seed)
     train(
         model,
         tok,
         list(split.examples),
-        answer_token_ids(tok, split.answers),
+        answer_token_ids(tok, split.answers, [e.prompt for e in split.examples]),
         cfg,
         out,
         fingerprint(card, cfg, train_path, code),
@@ -63,8 +65,10 @@ def train_member(
     )
     model.eval()
     examples = list(test.examples)
-    test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length))
-    ids = answer_token_ids(tok, test.answers)
+    test_batches = list(
+        batches(tok, examples, params.evaluate.batch_size, cfg.max_length, device)
+    )
+    ids = answer_token_ids(tok, test.answers, [e.prompt for e in examples])
     probs = map_batches(lambda _, b: map_probs(model, [b], ids), test_batches, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return probs, labels, [e.id for e in examples]

@@ -39,6 +39,12 @@ class Batch:
     attention_mask: Tensor
     labels: Tensor
 
+    def to(self, device: torch.device | str | None) -> Batch:
+        """The batch on ``device`` (itself when it is there already, or ``device`` is None)."""
+        if device is None or self.input_ids.device == torch.device(device):
+            return self
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+
 
 def package_dir(package: str) -> Path:
     """The folder of an installed Python package, found without importing it."""
@@ -238,13 +244,17 @@ def tiny_config(arch: str, vocab_size: int):
     raise ModelError(f"unknown tiny architecture {arch!r}; known: llama, phi, phi3")
 
 
-def quantization_kwargs(card: ModelCard) -> dict:
+def quantization_kwargs(card: ModelCard, device: torch.device | None = None) -> dict:
     """``from_pretrained`` keyword arguments of the card's quantisation: for ``nf4`` (QLoRA,
     Dettmers et al. 2023) a bitsandbytes 4-bit NF4 config with double quantisation, computing in
-    the card's dtype, and the whole model on this process's GPU (``LOCAL_RANK`` under
-    torchrun); nothing for ``none``. Needs the ``gpu`` extra (bitsandbytes) to load."""
+    the card's dtype, and the whole model on ``device`` (default: this process's GPU,
+    ``LOCAL_RANK`` under torchrun); nothing for ``none``. Needs the ``gpu`` extra
+    (bitsandbytes) to load."""
     if card.quantization != "nf4":
         return {}
+    index = device.index if device is not None and device.index is not None else None
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", 0))
     from transformers import BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
@@ -253,23 +263,30 @@ def quantization_kwargs(card: ModelCard) -> dict:
         bnb_4bit_compute_dtype=DTYPES[card.dtype],
         bnb_4bit_use_double_quant=True,
     )
-    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
+    return {"quantization_config": config, "device_map": {"": index}}
 
 
-def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
-    """Load the card's pretrained causal LM (frozen), in the card's dtype and quantisation."""
+def load_base_model(
+    card: ModelCard, vocab_size: int | None = None, seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> nn.Module:  # fmt: skip
+    """Load the card's pretrained causal LM (frozen), in the card's dtype and quantisation, on
+    ``device`` (:func:`lalora.devices.resolve`): an nf4 card through ``device_map``, a hub card
+    straight onto it, the others moved there after loading."""
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[card.dtype]
-    if card.quantization == "nf4" and not torch.cuda.is_available():
+    device = torch.device(device)
+    if card.quantization == "nf4" and device.type != "cuda":
         raise ModelError(
             "4-bit (nf4) quantisation needs CUDA: bitsandbytes LoRA training on the CPU silently "
-            "loses gradients. Use a card with quantization: none on this machine."
+            "loses gradients. Use a card with quantization: none on this machine (or "
+            "launch.device auto on a CUDA machine)."
         )
     if card.source == "hub":
         # safetensors only: no pickle is ever loaded from downloaded files
         kwargs: dict = {"dtype": dtype, "use_safetensors": True}
-        kwargs |= quantization_kwargs(card)
+        kwargs |= quantization_kwargs(card, device) or {"device_map": {"": str(device)}}
         try:
             model = AutoModelForCausalLM.from_pretrained(hub_source(card.repo), **kwargs)
         except OSError as err:  # e.g. only pickled (*.bin) weights: never loaded
@@ -287,6 +304,8 @@ def load_base_model(card: ModelCard, vocab_size: int | None = None, seed: int = 
             raise ModelError("a tiny model needs the tokenizer's vocab_size")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(card.arch, vocab_size)).to(dtype)
+    if card.quantization != "nf4":
+        model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
@@ -366,20 +385,49 @@ def load_adapter(model: nn.Module, adapter_dir: Path, trainable: bool = False):
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 
-def load_card_model(card: ModelCard, seed: int = 0):
-    """Tokenizer and frozen base model for a card."""
+def load_card_model(card: ModelCard, seed: int = 0, device: torch.device | str = "cpu"):
+    """Tokenizer and frozen base model for a card, the model on ``device``."""
     tok = load_tokenizer(card)
-    return tok, load_base_model(card, vocab_size=len(tok), seed=seed)
+    return tok, load_base_model(card, vocab_size=len(tok), seed=seed, device=device)
 
 
-def answer_token_ids(tokenizer, answers: tuple[str, ...]) -> list[int]:
-    """Token ids of the answer strings; each must be exactly one token."""
-    ids = []
+def answer_token_ids(
+    tokenizer, answers: tuple[str, ...], prompts: list[str] | tuple[str, ...] = ("Answer:",)
+) -> list[int]:
+    """The token id of each answer as the model reads it after a prompt: the first id of
+    tokenize(prompt + answer) after tokenize(prompt), which must be the same for every one of
+    ``prompts`` (the split's own, ending in ``Answer:``) and differ between the answers.
+
+    This is not ``encode(answer)``: a SentencePiece tokenizer with a dummy prefix (LLaMA-2,
+    Phi-3) encodes " A" alone as a bare "▁" and "▁A", but continues "Answer:" with "▁A" alone.
+    A prompt whose own tokens change when the answer is appended (the answer merges with its
+    end) is refused, naming it, as is an answer whose id depends on the prompt."""
+    unique = list(dict.fromkeys(prompts))
+    if not unique:
+        raise ModelError("answer tokens need at least one prompt to continue")
+    heads = tokenizer(unique, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
     for ans in answers:
-        toks = tokenizer.encode(ans, add_special_tokens=False)
-        if len(toks) != 1:
-            raise ModelError(f"answer {ans!r} is not a single token for this tokenizer: {toks}")
-        ids.append(toks[0])
+        full = tokenizer([p + ans for p in unique], add_special_tokens=False)["input_ids"]
+        found: int | None = None
+        for prompt, head, ext in zip(unique, heads, full, strict=True):
+            if len(ext) <= len(head) or ext[: len(head)] != head:
+                raise ModelError(
+                    f"answer {ans!r} does not follow the prompt {prompt[-60:]!r} as tokens of its "
+                    f"own (prompt {head[-4:]}, prompt + answer {ext[-5:]}): end the prompt "
+                    "so that the answer starts a new token (e.g. with 'Answer:')"
+                )
+            if found is None:
+                found = ext[len(head)]
+            elif ext[len(head)] != found:
+                raise ModelError(
+                    f"answer {ans!r} is token {ext[len(head)]} after the prompt "
+                    f"{prompt[-60:]!r} and {found} after an earlier one: the prompts must end "
+                    "alike (e.g. with 'Answer:')"
+                )
+        ids.append(found)
+    if len(set(ids)) != len(ids):
+        raise ModelError(f"answers {list(answers)} start with the same token: {ids}")
     return ids
 
 
@@ -437,11 +485,12 @@ def tokenize(
 
 def encode(
     tokenizer, prompts: list[str], labels: list[int], max_length: int, padding_side: str = "right",
-    cuts: list[Cut | None] | None = None,
+    cuts: list[Cut | None] | None = None, device: torch.device | str | None = None,
 ) -> Batch:  # fmt: skip
-    """Tokenise prompts into a padded batch of at most ``max_length`` positions: a longer
-    prompt loses tokens of its ``cuts`` span only (:func:`shorten`; the question's start, or
-    BoolQ's passage end), never its instruction, choices or ``Answer:``."""
+    """Tokenise prompts into a padded batch of at most ``max_length`` positions, on ``device``
+    (the one place a batch moves to the compute device): a longer prompt loses tokens of its
+    ``cuts`` span only (:func:`shorten`; the question's start, or BoolQ's passage end), never
+    its instruction, choices or ``Answer:``."""
     rows, _ = tokenize(tokenizer, prompts, max_length, cuts)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
@@ -451,7 +500,7 @@ def encode(
         span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
         ids[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
-    return Batch(ids, mask, torch.tensor(labels, dtype=torch.long))
+    return Batch(ids, mask, torch.tensor(labels, dtype=torch.long)).to(device)
 
 
 def last_positions(attention_mask: Tensor) -> Tensor:

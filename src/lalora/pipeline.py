@@ -42,14 +42,18 @@ from lalora.models import (
 
 
 def batches(
-    tokenizer, examples: list[Example] | tuple[Example, ...], batch_size: int, max_length: int
-) -> Iterator[Batch]:
-    """Consecutive tokenised batches of ``examples`` (right padding; a prompt over
-    ``max_length`` tokens loses part of its question or passage only, see :func:`encode`)."""
+    tokenizer, examples: list[Example] | tuple[Example, ...], batch_size: int, max_length: int,
+    device: torch.device | str | None = None,
+) -> Iterator[Batch]:  # fmt: skip
+    """Consecutive tokenised batches of ``examples`` on ``device`` (right padding; a prompt
+    over ``max_length`` tokens loses part of its question or passage only, see
+    :func:`encode`)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts, labels = [e.prompt for e in chunk], [e.label for e in chunk]
-        yield encode(tokenizer, prompts, labels, max_length, cuts=[e.cut for e in chunk])
+        yield encode(
+            tokenizer, prompts, labels, max_length, cuts=[e.cut for e in chunk], device=device
+        )
 
 
 def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: str) -> dict:
@@ -81,9 +85,12 @@ def logits_fn(answer_ids: list[int]):
     return lambda model, batch: answer_logits(model, batch, answer_ids)
 
 
-def load_adapted(card: ModelCard, adapter_dir: Path, seed: int = 0):
-    """Tokenizer and the base model with an exported adapter loaded, in eval mode."""
-    tok, base = load_card_model(card, seed=seed)
+def load_adapted(
+    card: ModelCard, adapter_dir: Path, seed: int = 0, device: torch.device | str = "cpu"
+):
+    """Tokenizer and the base model with an exported adapter loaded, on ``device``, in eval
+    mode."""
+    tok, base = load_card_model(card, seed=seed, device=device)
     model = load_adapter(base, adapter_dir)
     model.eval()
     return tok, model
@@ -104,20 +111,30 @@ class SplitRun:
 
 
 def load_split_run(
-    params: Params, model_name: str, adapter_dir: Path, split_path: Path, batch_size: int
-) -> SplitRun:
-    """Read a prepared split, load the model's adapter and tokenise the split into batches of
-    ``batch_size`` (truncated to ``finetune.max_length``)."""
+    params: Params, model_name: str, adapter_dir: Path, split_path: Path, batch_size: int,
+    loaded: tuple | None = None,
+) -> SplitRun:  # fmt: skip
+    """Read a prepared split, load the model's adapter on ``launch.device`` (or take
+    ``loaded``, the (tokenizer, model) of an earlier :func:`load_adapted`, so a stage loads
+    the model once) and tokenise the split into batches of ``batch_size`` (truncated to
+    ``finetune.max_length``) on the model's device."""
+    from lalora.devices import module_device, resolve
+
     split = read_split(split_path)
     if not split.examples:
         raise DataError(f"{split_path}: the split has no examples; check data.* in params.yaml")
-    tok, model = load_adapted(params.card(model_name), adapter_dir)
+    if loaded is None:
+        loaded = load_adapted(
+            params.card(model_name), adapter_dir, device=resolve(params.launch.device)
+        )
+    tok, model = loaded
     examples = list(split.examples)
     cut = truncation(tok, examples, params.finetune.max_length, str(split_path))
+    device, max_length = module_device(model), params.finetune.max_length
     return SplitRun(
         model=model,
-        batches=list(batches(tok, examples, batch_size, params.finetune.max_length)),
-        logits_fn=logits_fn(answer_token_ids(tok, split.answers)),
+        batches=list(batches(tok, examples, batch_size, max_length, device)),
+        logits_fn=logits_fn(answer_token_ids(tok, split.answers, [e.prompt for e in examples])),
         modules=lora_modules(model),
         labels=torch.tensor([e.label for e in examples], dtype=torch.long),
         truncated=cut,
@@ -141,5 +158,5 @@ def fingerprint(*parts: object) -> str:
 def map_probs(model: nn.Module, batches: list[Batch], answer_ids: list[int]) -> Tensor:
     """MAP predictive probabilities (N, C): softmax of the answer logits, no gradients."""
     return torch.cat(
-        [torch.softmax(answer_logits(model, b, answer_ids).double(), -1) for b in batches]
+        [torch.softmax(answer_logits(model, b, answer_ids).double(), -1).cpu() for b in batches]
     )

@@ -37,10 +37,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lalora.devices import statistics_device
 from lalora.distributed import SINGLE, Dist, all_reduce_, all_reduce_sum, bounds, shard
 from lalora.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
-from lalora.laplace.kron import make_accumulator
+from lalora.laplace.kron import Factor, make_accumulator
 from lalora.laplace.posterior import ModuleFactors, Posterior
 
 LogitsFn = Callable[[nn.Module, Any], Tensor]
@@ -86,6 +87,11 @@ def fisher_root(
         labels = torch.multinomial(p, 1, generator=generator).squeeze(1)
     onehot = nn.functional.one_hot(labels, p.shape[-1]).double()
     return (p - onehot)[:, :, None]
+
+
+def _host(f: Factor) -> Factor:
+    """A factor in host memory (the posterior is saved, tuned and read there)."""
+    return Factor(evecs=f.evecs.cpu(), evals=f.evals.cpu())
 
 
 def _mask(batch: Any) -> Tensor | None:
@@ -141,15 +147,17 @@ def fit_kfac(
     normalisation = Normalisation(normalisation)
     padded = normalisation is Normalisation.SEQUENCES_PADDED
     update = LowRankUpdate(update).value
+    device = next(iter(modules.values())).weight.device
+    where = statistics_device(device)
     a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
     index = {name: i for i, name in enumerate(modules)}
     for name, mod in modules.items():
         d_out = mod.weight.shape[0]
         g_acc[name] = make_accumulator(
-            d_out, rank, max_dense, update, seed=seed + 2 * index[name] + 1
+            d_out, rank, max_dense, update, seed=seed + 2 * index[name] + 1, device=where
         )
     shared: dict[str, str] = {}  # module -> the module whose input (and input factor) it shares
-    gen = torch.Generator()
+    gen = torch.Generator(device=device)
     n_data, log_lik, confidence, trace = 0, 0.0, 0.0, 0.0
 
     def on_input(name: str, a: Tensor, source: str) -> None:  # a (B, T, d_in), padding zeroed
@@ -161,7 +169,7 @@ def fit_kfac(
         if name not in a_acc:
             d_in = modules[name].weight.shape[1]
             a_acc[name] = make_accumulator(
-                d_in, rank, max_dense, update, seed=seed + 2 * index[name]
+                d_in, rank, max_dense, update, seed=seed + 2 * index[name], device=where
             )
         mask = tap.mask
         rows = (
@@ -207,14 +215,14 @@ def fit_kfac(
 
     factors = {}
     count = (lambda n: n_rows[n]) if normalisation is Normalisation.ROWS else (lambda n: n_data)
-    a_factors = {n: acc.finalize(1.0 / max(count(n), 1)) for n, acc in a_acc.items()}
+    a_factors = {n: _host(acc.finalize(1.0 / max(count(n), 1))) for n, acc in a_acc.items()}
     for name, mod in modules.items():
         source = shared.get(name, name)
         if source not in a_factors:  # never reached by the data: a zero factor
             d_in = mod.weight.shape[1]
             a_factors[source] = make_accumulator(d_in, rank, max_dense, update).finalize()
         a = a_factors[source]  # one object for modules sharing an input
-        g = g_acc[name].finalize(1.0)
+        g = _host(g_acc[name].finalize(1.0))
         for side, f in (("input", a), ("output-gradient", g)):
             if not (torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()):
                 raise NonFiniteError(f"non-finite {side} factor in module {name}")

@@ -22,6 +22,11 @@ seeded Omega on every rank) are summed over the ranks, so the result equals the 
 float64 round-off; incremental-SVD roots are gathered and merged (the top k of [L_0, ..., L_N-1],
 exact while the rank of F is at most k, like the streaming update itself).
 
+Each accumulator keeps its float64 buffers on ``device`` (the compute device where it has
+float64, :func:`lalora.devices.statistics_device`; otherwise the host, each batch's product
+being formed on the compute device and added there). The Nystrom test matrix is drawn on the
+CPU, so it is the same whatever the device.
+
 Eigenvalues are clipped at zero (round-off can make tiny ones negative).
 """
 
@@ -71,7 +76,8 @@ def factor_from_root(L: Tensor, k: int) -> Factor:
     """Factor of L L^T from a root L (d, m) via a thin SVD, top ``k`` kept."""
     U, S, _ = torch.linalg.svd(L, full_matrices=False)
     if U.shape[1] < k:  # pad with an orthonormal completion and zero eigenvalues
-        Q, _ = torch.linalg.qr(torch.cat([U, torch.eye(L.shape[0], k, dtype=L.dtype)], dim=1))
+        eye = torch.eye(L.shape[0], k, dtype=L.dtype, device=L.device)
+        Q, _ = torch.linalg.qr(torch.cat([U, eye], dim=1))
         U = torch.cat([U, Q[:, U.shape[1] : k]], dim=1)
         S = torch.cat([S, S.new_zeros(k - S.shape[0])])
     return Factor(evecs=U[:, :k].contiguous(), evals=(S[:k] ** 2).contiguous())
@@ -82,13 +88,13 @@ class DenseAccumulator:
     rows^T rows is computed in the rows' own dtype (float32 activations: a float32 GEMM, twice
     as fast, exact to float32 round-off of the batch sum) and added in float64."""
 
-    def __init__(self, dim: int):
-        self.sum = torch.zeros(dim, dim, dtype=DTYPE)
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(dim, dim, dtype=DTYPE, device=device)
 
     def update(self, rows: Tensor) -> None:  # rows (m, d)
         if rows.dtype in (torch.float16, torch.bfloat16):
             rows = rows.float()
-        self.sum.add_((rows.T @ rows).to(self.sum.device))  # on the host, cast in the add
+        self.sum.add_((rows.T @ rows).to(self.sum.device))  # cast to float64 in the add
 
     def reduce(self, dist: Dist) -> None:
         all_reduce_(self.sum, dist)
@@ -100,10 +106,10 @@ class DenseAccumulator:
 class SvdAccumulator:
     """Incremental SVD: root L (d, <= k) with L L^T ~ sum of outer products."""
 
-    def __init__(self, dim: int, rank: int, chunk: int = 64):
+    def __init__(self, dim: int, rank: int, chunk: int = 64, device: torch.device | str = "cpu"):
         self.rank = rank
         self.chunk = chunk
-        self.L = torch.zeros(dim, 0, dtype=DTYPE)
+        self.L = torch.zeros(dim, 0, dtype=DTYPE, device=device)
 
     def update(self, rows: Tensor) -> None:
         rows = rows.to(self.L.device, DTYPE)
@@ -134,13 +140,15 @@ class SvdAccumulator:
 class NystromAccumulator:
     """Streaming Nystrom sketch Y = F Omega with a fixed orthonormal test matrix Omega (d, s)."""
 
-    def __init__(self, dim: int, rank: int, sketch: int, seed: int = 0):
+    def __init__(
+        self, dim: int, rank: int, sketch: int, seed: int = 0, device: torch.device | str = "cpu"
+    ):
         self.rank = rank
         s = min(dim, max(sketch, rank))
         gen = torch.Generator().manual_seed(seed)
         omega = torch.randn(dim, s, generator=gen, dtype=DTYPE)
-        self.omega, _ = torch.linalg.qr(omega)  # (d, s)
-        self.Y = torch.zeros(dim, s, dtype=DTYPE)
+        self.omega = torch.linalg.qr(omega)[0].to(device)  # (d, s)
+        self.Y = torch.zeros(dim, s, dtype=DTYPE, device=device)
 
     def update(self, rows: Tensor) -> None:
         rows = rows.to(self.Y.device, DTYPE)  # (m, d)
@@ -170,14 +178,18 @@ Accumulator = DenseAccumulator | SvdAccumulator | NystromAccumulator
 
 
 def make_accumulator(
-    dim: int, rank: int, max_dense: int, update: str, seed: int = 0, oversample: int = 10
-) -> Accumulator:
+    dim: int, rank: int, max_dense: int, update: str, seed: int = 0, oversample: int = 10,
+    device: torch.device | str = "cpu",
+) -> Accumulator:  # fmt: skip
     """Dense up to ``max_dense`` or when ``rank >= dim``; else the low-rank ``update``
-    ("svd" or "nystrom", the latter with sketch size 2 * rank + oversample)."""
+    ("svd" or "nystrom", the latter with sketch size 2 * rank + oversample); its buffers on
+    ``device``."""
     if dim <= max_dense or rank >= dim:
-        return DenseAccumulator(dim)
+        return DenseAccumulator(dim, device)
     if update == "svd":
-        return SvdAccumulator(dim, rank)
+        return SvdAccumulator(dim, rank, device=device)
     if update == "nystrom":
-        return NystromAccumulator(dim, rank, sketch=2 * rank + oversample, seed=seed)
+        return NystromAccumulator(
+            dim, rank, sketch=2 * rank + oversample, seed=seed, device=device
+        )
     raise ValueError(f"unknown low-rank update {update!r}; known: svd, nystrom")

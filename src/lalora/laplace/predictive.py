@@ -134,7 +134,7 @@ def _contrast_pass(
                 if not torch.isfinite(logits).all():
                     raise NonFiniteError(f"non-finite logits in batch {b}")
                 B, C = logits.shape
-                D = contrast_matrix(C)  # (K, C)
+                D = contrast_matrix(C).to(logits.device)  # (K, C)
                 vectors = D.T[None].expand(B, C, C - 1)  # (B, C, K): column k is e_k - e_C
                 output_gradients(logits, vectors, tap.outputs)
                 out: dict[str, Tensor | TokenFactors] = {}
@@ -145,7 +145,7 @@ def _contrast_pass(
                         TokenFactors(stacked, inputs.pop(name)) if name in inputs else stacked
                     )
                     jac[name].clear()
-                yield logits.detach().double(), out
+                yield logits.detach().double().cpu(), out
     finally:
         model.train(was_training)
 
@@ -201,6 +201,7 @@ def jacobian_features(
             groups[routes] = _groups(post, jac)
         for group in groups[routes]:
             p, q = _project(group, jac)
+            p, q = p.cpu(), q.cpu()  # kept for the whole split: in host memory
             for i, name in enumerate(group.names):
                 perp[name].append(p[i])
                 proj[name].append(q[i])
@@ -236,6 +237,10 @@ def _sides(J: Tensor | TokenFactors) -> tuple[tuple[int, int], torch.dtype, bool
     return tuple(J.shape[-2:]), J.dtype, False
 
 
+def _device(J: Tensor | TokenFactors) -> torch.device:
+    return J.g.device if isinstance(J, TokenFactors) else J.device
+
+
 def _routes(jac: dict[str, Tensor | TokenFactors]) -> tuple[str, ...]:
     """The modules of one batch taken through token factors (the route may change with T)."""
     return tuple(n for n, J in jac.items() if isinstance(J, TokenFactors))
@@ -243,8 +248,10 @@ def _routes(jac: dict[str, Tensor | TokenFactors]) -> tuple[str, ...]:
 
 def _groups(post: Posterior, jac: dict[str, Tensor | TokenFactors]) -> list[_Group]:
     """Group the modules of one batch's Jacobians ``jac`` (name -> (B, K, d_out, d_in) or
-    :class:`TokenFactors`); the bases are converted and stacked once per pass."""
+    :class:`TokenFactors`); the bases are converted, moved to the Jacobians' device and
+    stacked once per pass."""
     keys: dict[tuple, list[str]] = {}
+    device = _device(next(iter(jac.values())))
     for name, J in jac.items():
         m = post.modules[name]
         sides, dtype, tokens = _sides(J)
@@ -260,7 +267,7 @@ def _groups(post: Posterior, jac: dict[str, Tensor | TokenFactors]) -> list[_Gro
     def basis(f, dtype: torch.dtype) -> Tensor:
         key = (id(f), dtype)
         if key not in bases:
-            bases[key] = f.evecs.to(dtype)
+            bases[key] = f.evecs.to(device, dtype)
         return bases[key]
 
     out = []
@@ -272,8 +279,8 @@ def _groups(post: Posterior, jac: dict[str, Tensor | TokenFactors]) -> list[_Gro
                     names=tuple(shared),
                     qa=torch.stack([basis(m.a, dtype) for m in ms[::share]]),
                     qg=torch.stack([basis(m.g, dtype) for m in ms]),
-                    ea=torch.stack([m.a.evals for m in ms]).double(),
-                    eg=torch.stack([m.g.evals for m in ms]).double(),
+                    ea=torch.stack([m.a.evals for m in ms]).to(device, torch.float64),
+                    eg=torch.stack([m.g.evals for m in ms]).to(device, torch.float64),
                     dense=dense,
                     tokens=tokens,
                     share=share,
@@ -362,7 +369,7 @@ def _covariance(perp: Tensor, proj: Tensor, w: Tensor, lam: Tensor) -> Tensor:
 
 def _with_weights(post: Posterior, group: _Group) -> tuple[_Group, Tensor, Tensor]:
     """The group with its weights (:func:`_weights`) and prior precisions (M,) under ``post``."""
-    lam = _lams(post, group.names)
+    lam = _lams(post, group.names).to(group.ea.device)
     return group, _weights(group.ea, group.eg, lam), lam
 
 
@@ -472,7 +479,7 @@ def predict_covariances(
                 cov = cov + _covariance(perp, proj, w, lam)
             if not torch.isfinite(cov).all():
                 raise NonFiniteError(f"non-finite predictive covariance in batch {b} ({key})")
-            covs[key].append((cov + cov.transpose(1, 2)) / 2)
+            covs[key].append(((cov + cov.transpose(1, 2)) / 2).cpu())
     return gather_cat(cat_or_none(means), d), {
         k: gather_cat(cat_or_none(v), d) for k, v in covs.items()
     }
