@@ -10,7 +10,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup repro test lint bench
+.PHONY: setup repro test lint bench gpu-check
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src stages tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a CUDA machine: the study's GPU path in a few minutes, offline, without DVC (see
+# docs/scaling.md). It needs torch, transformers, peft and accelerate (bitsandbytes for nf4).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) -m lalora.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests bench

@@ -11,7 +11,6 @@ from lalora.distributed import finish, init
 from lalora.errors import NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
 from lalora.laplace.kfac import fit_kfac
-from lalora.memory import check, factor_memory
 from lalora.pipeline import load_split_run
 
 
@@ -27,8 +26,9 @@ def main() -> None:
     params = load_params(args.params)
     dist = init()
     cfg = params.kfac
-    run = load_split_run(params, args.model, args.adapter, args.data, cfg.batch_size)
-    check(factor_memory(run.modules, cfg).times(dist.world), params.launch.memory_gb, "fit_kfac")
+    run = load_split_run(
+        params, args.model, args.adapter, args.data, cfg.batch_size, stage="fit_kfac"
+    )
     try:
         post = fit_kfac(
             run.model,

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from lalora.cli import run
 from lalora.config import ConfigError, Params, load_params
-from lalora.data import answers_of, load_splits, write_split
+from lalora.data import answers_of, load_splits, read_split, write_split
 from lalora.devices import resolve
 from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
 from lalora.metrics import check_finite
-from lalora.pipeline import load_adapted
+from lalora.models import load_tokenizer
+from lalora.pipeline import guard_memory, load_adapted
 
 
 def test_split(params: Params, target: str, data_dir: Path, scratch: Path) -> Path:
@@ -62,8 +63,12 @@ def main() -> None:
                 f"shift.{args.dataset}: {target} answers {answers_of(params.dataset(target).name)}"
                 f", {args.dataset} answers {answers}: a shifted test set needs the same answers"
             )
+        test = test_split(params, target, args.data_dir, scratch)
         if loaded is None:
             card = params.card(args.model)
+            tok = load_tokenizer(card)
+            examples = read_split(test).examples
+            guard_memory(params, args.model, "shift", tok, examples, len(answers))
             loaded = load_adapted(card, adapter, device=resolve(params.launch.device))
         ev = evaluate_split(
             params,
@@ -71,7 +76,7 @@ def main() -> None:
             adapter,
             root / "kfac" / f"step-{step}",
             root / "prior" / f"step-{step}.json",
-            test_split(params, target, args.data_dir, scratch),
+            test,
             dist=dist,
             loaded=loaded,
         )

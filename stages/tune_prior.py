@@ -14,7 +14,6 @@ from lalora.io import atomic_write_json
 from lalora.laplace.diagnostics import lora_symmetry, penalty_shares
 from lalora.laplace.marglik import edges_of, log_marginal_likelihood, tune_prior
 from lalora.laplace.posterior import Posterior, last_layer_modules
-from lalora.memory import check, sampling_memory
 from lalora.metrics import check_finite
 from lalora.models import adapter_lora_weights
 
@@ -29,10 +28,10 @@ def validation_features(params: Params, args: argparse.Namespace, post: Posterio
     val = read_split(args.val)
     if not val.examples:
         return None
-    pred = params.predictive
-    check(sampling_memory(len(val.answers), pred.samples, pred.link).times(current().world),
-          params.launch.memory_gb, "tune_prior")  # fmt: skip
-    run = load_split_run(params, args.model, args.adapter, args.val, params.evaluate.batch_size)
+    run = load_split_run(
+        params, args.model, args.adapter, args.val, params.evaluate.batch_size,
+        stage="tune_prior",
+    )  # fmt: skip
     feats = jacobian_features(
         run.model, run.batches, run.logits_fn, run.modules, post, dist=current()
     )

@@ -23,10 +23,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's ``rank`` among ``world`` processes; ``main`` (rank 0) writes outputs."""
+    """This process's ``rank`` among ``world`` processes; ``main`` (rank 0) writes outputs;
+    ``active`` when the collectives run (several processes, or a group of one)."""
 
     rank: int = 0
     world: int = 1
+    grouped: bool = False  # in a process group even when alone in it (a 1-GPU NCCL check)
 
     @property
     def main(self) -> bool:
@@ -34,7 +36,7 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.grouped
 
 
 SINGLE = Dist()
@@ -79,7 +81,7 @@ def current() -> Dist:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+        return Dist(rank=dist.get_rank(), world=dist.get_world_size(), grouped=True)
     return SINGLE
 
 

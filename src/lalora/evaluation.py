@@ -29,7 +29,6 @@ from lalora.errors import ArtifactError
 from lalora.io import read_json
 from lalora.laplace.posterior import Posterior
 from lalora.laplace.predictive import predict_covariances, predictive_probs
-from lalora.memory import check, sampling_memory
 from lalora.metrics import score
 from lalora.pipeline import load_split_run
 
@@ -124,12 +123,10 @@ def evaluate_split(
     returns the whole evaluation."""
     d = dist or SINGLE
     cfg, pred = params.evaluate, params.predictive
-    n_choices = len(read_split(test).answers)
-    check(sampling_memory(n_choices, pred.samples, pred.link).times(d.world),
-          params.launch.memory_gb, "evaluate")  # fmt: skip
     prior = read_json(prior_path, "tune_prior")
     posts = posteriors(kfac, prior_path, prior, cfg.methods)
-    run = load_split_run(params, model_name, adapter, test, cfg.batch_size, loaded)
+    stage = "evaluate" if loaded is None else None  # a caller that loaded it checked memory
+    run = load_split_run(params, model_name, adapter, test, cfg.batch_size, loaded, stage)
     mean, covs = predict_covariances(
         run.model, run.batches, run.logits_fn, run.modules, posts, progress=d.main, dist=d
     )

@@ -18,8 +18,8 @@ from lalora.data import DataError, read_split
 from lalora.devices import resolve
 from lalora.distributed import SINGLE, Dist, map_batches
 from lalora.finetune import train
-from lalora.models import answer_token_ids, attach_lora, load_card_model
-from lalora.pipeline import batches, fingerprint, map_probs
+from lalora.models import answer_token_ids, attach_lora, load_base_model, load_tokenizer
+from lalora.pipeline import batches, fingerprint, guard_memory, map_probs
 
 
 def train_member(
@@ -49,7 +49,9 @@ def train_member(
         if not s.examples:
             raise DataError(f"{path}: no examples; check data.* in params.yaml")
     device = resolve(params.launch.device)
-    tok, base = load_card_model(card, seed=seed, device=device)
+    tok = load_tokenizer(card)
+    guard_memory(params, model_name, "members", tok, split.examples, len(split.answers))
+    base = load_base_model(card, len(tok), seed=seed, device=device)
     model = attach_lora(base, card, seed=seed)
     train(
         model,
@@ -65,9 +67,7 @@ def train_member(
     )
     model.eval()
     examples = list(test.examples)
-    test_batches = list(
-        batches(tok, examples, params.evaluate.batch_size, cfg.max_length, device)
-    )
+    test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length, device))
     ids = answer_token_ids(tok, test.answers, [e.prompt for e in examples])
     probs = map_batches(lambda _, b: map_probs(model, [b], ids), test_batches, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)

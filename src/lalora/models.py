@@ -244,6 +244,18 @@ def tiny_config(arch: str, vocab_size: int):
     raise ModelError(f"unknown tiny architecture {arch!r}; known: llama, phi, phi3")
 
 
+def model_config(card: ModelCard, vocab_size: int):
+    """The card's transformers config, read without its weights (a hub card's config.json,
+    the dequantised GGUF's, or the tiny architecture's)."""
+    from transformers import AutoConfig
+
+    if card.source == "hub":
+        return AutoConfig.from_pretrained(hub_source(card.repo))
+    if card.source == "gguf":
+        return AutoConfig.from_pretrained(dequantised_gguf(card.package, card.gguf_file))
+    return tiny_config(card.arch, vocab_size)
+
+
 def quantization_kwargs(card: ModelCard, device: torch.device | None = None) -> dict:
     """``from_pretrained`` keyword arguments of the card's quantisation: for ``nf4`` (QLoRA,
     Dettmers et al. 2023) a bitsandbytes 4-bit NF4 config with double quantisation, computing in

@@ -110,26 +110,59 @@ class SplitRun:
     truncated: dict
 
 
+def longest_prompt(tokenizer, examples: Sequence[Example], max_length: int) -> int:
+    """The most tokens a prompt of ``examples`` has once shortened to ``max_length``."""
+    prompts, cuts = [e.prompt for e in examples], [e.cut for e in examples]
+    return max((len(r) for r in tokenize(tokenizer, prompts, max_length, cuts)[0]), default=1)
+
+
+def guard_memory(
+    params: Params, model_name: str, stage: str, tokenizer, examples: Sequence[Example],
+    n_choices: int, n_val: int = 0,
+) -> None:  # fmt: skip
+    """Estimate ``stage``'s peak memory from the card's architecture (no weights loaded) and
+    the params, at the longest prompt of ``examples``; print it, and refuse a setting that
+    cannot fit (:func:`lalora.memory.guard`)."""
+    from lalora.devices import resolve
+    from lalora.memory import Sizes, architecture, guard, stage_memory
+    from lalora.models import model_config
+
+    card = params.card(model_name)
+    arch = architecture(model_config(card, len(tokenizer)), card)
+    tokens = longest_prompt(tokenizer, examples, params.finetune.max_length)
+    memory = stage_memory(stage, arch, card, Sizes.of(params), n_choices, n_val, tokens)
+    launch = params.launch
+    guard(memory, resolve(launch.device), launch.memory_gb, launch.nproc_per_node)
+
+
 def load_split_run(
     params: Params, model_name: str, adapter_dir: Path, split_path: Path, batch_size: int,
-    loaded: tuple | None = None,
+    loaded: tuple | None = None, stage: str | None = None,
 ) -> SplitRun:  # fmt: skip
     """Read a prepared split, load the model's adapter on ``launch.device`` (or take
     ``loaded``, the (tokenizer, model) of an earlier :func:`load_adapted`, so a stage loads
     the model once) and tokenise the split into batches of ``batch_size`` (truncated to
-    ``finetune.max_length``) on the model's device."""
+    ``finetune.max_length``) on the model's device. With ``stage``, the stage's memory is
+    estimated and checked first (:func:`guard_memory`), before the model loads."""
     from lalora.devices import module_device, resolve
+    from lalora.models import load_base_model, load_tokenizer
 
     split = read_split(split_path)
     if not split.examples:
         raise DataError(f"{split_path}: the split has no examples; check data.* in params.yaml")
-    if loaded is None:
-        loaded = load_adapted(
-            params.card(model_name), adapter_dir, device=resolve(params.launch.device)
-        )
-    tok, model = loaded
+    card = params.card(model_name)
     examples = list(split.examples)
+    tok = loaded[0] if loaded is not None else load_tokenizer(card)
     cut = truncation(tok, examples, params.finetune.max_length, str(split_path))
+    if stage is not None:
+        n_val = len(examples) if stage == "tune_prior" else 0
+        guard_memory(params, model_name, stage, tok, examples, len(split.answers), n_val)
+    if loaded is None:
+        base = load_base_model(card, len(tok), device=resolve(params.launch.device))
+        model = load_adapter(base, adapter_dir)
+        model.eval()
+    else:
+        model = loaded[1]
     device, max_length = module_device(model), params.finetune.max_length
     return SplitRun(
         model=model,

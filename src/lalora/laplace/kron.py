@@ -189,7 +189,5 @@ def make_accumulator(
     if update == "svd":
         return SvdAccumulator(dim, rank, device=device)
     if update == "nystrom":
-        return NystromAccumulator(
-            dim, rank, sketch=2 * rank + oversample, seed=seed, device=device
-        )
+        return NystromAccumulator(dim, rank, sketch=2 * rank + oversample, seed=seed, device=device)
     raise ValueError(f"unknown low-rank update {update!r}; known: svd, nystrom")
