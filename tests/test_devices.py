@@ -358,3 +358,23 @@ def test_the_scaling_doc_s_stage_table_is_the_estimate():
 
     doc = (ROOT / "docs" / "scaling.md").read_text()
     assert stage_table() in doc
+
+
+def test_on_cuda_the_device_part_is_checked_against_the_gpu_s_free_memory(monkeypatch, capsys):
+    """The guard prints the estimate and, on a CUDA device, refuses a device part above the
+    GPU's free memory (faked here: 1 GiB free) with the keys to lower; the host part is checked
+    against the host's memory."""
+    from transformers import LlamaConfig
+
+    import lalora.memory as mem
+
+    card = ModelCard(source="hub", repo="x", quantization="nf4", dtype="bfloat16")
+    arch = mem.architecture(LlamaConfig(**mem.REFERENCE_CONFIGS["llama2-7b"]), card)
+    memory = mem.stage_memory("finetune", arch, card, mem.Sizes(), 2, tokens=128)
+    monkeypatch.setattr("lalora.devices.free_bytes", lambda device: 1 << 30)
+    with pytest.raises(mem.MemoryLimitError, match=r"finetune would need about 7\.1 GB on cuda:0, "
+                       r"which has 1\.0 GB free.*Lower finetune\.batch_size"):  # fmt: skip
+        mem.guard(memory, torch.device("cuda", 0), 0)
+    assert "finetune: estimated peak 7.11 GB on cuda:0" in capsys.readouterr().err
+    monkeypatch.setattr("lalora.devices.free_bytes", lambda device: 80 << 30)
+    mem.guard(memory, torch.device("cuda", 0), 0)  # fits an 80 GB GPU
