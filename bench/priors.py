@@ -159,8 +159,8 @@ def main() -> None:
     shifted = {}
     for target in args.shift:
         cfg = params.dataset(target)
-        if answers_of(cfg.name) != answers:
-            raise SystemExit(f"--shift {target}: answers {answers_of(cfg.name)} != {answers}")
+        if answers_of(cfg) != answers:
+            raise SystemExit(f"--shift {target}: answers {answers_of(cfg)} != {answers}")
         shifted[target] = load_splits(cfg, Path(args.params).resolve().parent)[1]
     steps = args.steps if args.steps else list(params.checkpoints)
     mb, ml = params.evaluate.batch_size, params.finetune.max_length

@@ -16,7 +16,7 @@ def prepare(cfg: DataConfig, out: Path) -> dict[str, int]:
     train, test = load_splits(cfg)
     train, val = split_validation(train, cfg.val_size, cfg.seed)
     for name, examples in (("train", train), ("val", val), ("test", test)):
-        write_split(out / f"{name}.jsonl", examples, answers_of(cfg.name))
+        write_split(out / f"{name}.jsonl", examples, answers_of(cfg))
     return {"train": len(train), "val": len(val), "test": len(test)}
 
 

@@ -32,7 +32,7 @@ def test_split(params: Params, target: str, data_dir: Path, scratch: Path) -> Pa
     cfg = params.dataset(target)
     _, test = load_splits(cfg)
     path = scratch / target / "test.jsonl"
-    write_split(path, test, answers_of(cfg.name))
+    write_split(path, test, answers_of(cfg))
     print(f"prepared the test split of {target} ({len(test)} prompts; not in datasets)")
     return path
 
@@ -52,15 +52,15 @@ def main() -> None:
     dist = init()
     step = params.checkpoints[-1]
     root = args.models_dir / args.model / args.dataset
-    answers = answers_of(params.dataset(args.dataset).name)
+    answers = answers_of(params.dataset(args.dataset))
     result = {}
     scratch = Path(tempfile.mkdtemp(prefix="lalora-shift-"))
     adapter = root / "adapters" / f"step-{step}"
     loaded = None  # the model, loaded once for every target
     for target in params.shifted(args.dataset):
-        if answers_of(params.dataset(target).name) != answers:
+        if answers_of(params.dataset(target)) != answers:
             raise ConfigError(
-                f"shift.{args.dataset}: {target} answers {answers_of(params.dataset(target).name)}"
+                f"shift.{args.dataset}: {target} answers {answers_of(params.dataset(target))}"
                 f", {args.dataset} answers {answers}: a shifted test set needs the same answers"
             )
         test = test_split(params, target, args.data_dir, scratch)

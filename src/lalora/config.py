@@ -95,10 +95,49 @@ class ModelCard:
 
 
 @dataclass(frozen=True)
+class SchemaConfig:
+    """The fields of a custom multiple-choice dataset (``name: custom``): one record per
+    question, with ``id`` (optional; else the file and line), ``question`` (a non-empty
+    string), ``choices`` (one field holding the list of choice texts, or one field per choice)
+    and ``answer`` (the true choice: a 0-based index, a letter ``A``, ``B``, ..., or the text of
+    a choice). Every record has ``n_choices`` choices (2 to 26); the answers are the tokens
+    " A", " B", ... . ``template``: the prompt, with ``{question}`` and ``{choices}`` (rendered
+    "A. ... B. ..."); empty: the ARC prompt. ``hub_id`` (and ``hub_config``): the HuggingFace
+    dataset read with ``source: hub``; its split names are ``train_split`` and
+    ``test_split``."""
+
+    n_choices: int = 0
+    id: str = "id"
+    question: str = "question"
+    choices: tuple[str, ...] = ("choices",)
+    answer: str = "answer"
+    template: str = ""
+    hub_id: str = ""
+    hub_config: str = ""
+
+    def __post_init__(self) -> None:
+        if self.n_choices and not 2 <= self.n_choices <= 26:
+            raise ConfigError(f"schema.n_choices must be 2 to 26, got {self.n_choices}")
+        if len(self.choices) not in (1, self.n_choices or 1) or not all(self.choices):
+            raise ConfigError(
+                f"schema.choices {list(self.choices)}: one field holding the list of choices, "
+                f"or one field per choice ({self.n_choices})"
+            )
+        if self.template:
+            fields = set(re.findall(r"{([^{}]*)}", self.template))
+            if fields != {"question", "choices"}:
+                raise ConfigError(
+                    f"schema.template must contain {{question}} and {{choices}} and no other "
+                    f"field, got {sorted(fields)}: {self.template!r}"
+                )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The task: ``name`` is a key of :data:`lalora.data.DATASETS` (generated, winogrande,
-    arc_c, arc_e, obqa, boolq). For read datasets ``n_train``/``n_test`` examples are used
-    (a seeded subset in file order when fewer than the split holds).
+    arc_c, arc_e, obqa, boolq, or custom: the user's own files or hub dataset, read as
+    ``schema`` says, :class:`SchemaConfig`). For read datasets ``n_train``/``n_test`` examples
+    are used (a seeded subset in file order when fewer than the split holds).
 
     ``source`` is ``generated`` (the project's own task), ``hub`` (HuggingFace ``datasets``) or
     ``local`` (a folder of the official files, ``local_dir``, relative to the project root,
@@ -121,10 +160,21 @@ class DataConfig:
     val_size: int = 100
     seed: int = 0
     split_from: str = ""
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
 
     def __post_init__(self) -> None:
         for key in ("name", "train_split", "test_split"):
             check_plain_name(key, getattr(self, key))
+        if (self.name == "custom") != bool(self.schema.n_choices):
+            raise ConfigError(
+                "a custom dataset (name: custom) needs schema.n_choices >= 2, and only a custom "
+                f"dataset has a schema (name {self.name!r}, schema.n_choices "
+                f"{self.schema.n_choices})"
+            )
+        if self.name == "custom" and self.source == "generated":
+            raise ConfigError("name custom reads files (source: local) or the hub (source: hub)")
+        if self.name == "custom" and self.source == "hub" and not self.schema.hub_id:
+            raise ConfigError("schema.hub_id: a custom dataset from the hub needs its id")
         if self.split_from:
             check_plain_name("split_from", self.split_from)
             if self.source == "generated":
@@ -574,9 +624,9 @@ def check_study(params: Params) -> None:
                 f"{sorted(DATASETS)}"
             )
     for source in params.datasets:
-        answers = answers_of(params.data[source].name)
+        answers = answers_of(params.data[source])
         for target in params.shifted(source):
-            theirs = answers_of(params.data[target].name)
+            theirs = answers_of(params.data[target])
             if theirs != answers:
                 raise ConfigError(
                     f"shift.{source}: {target} answers {list(theirs)}, {source} answers "

@@ -7,8 +7,11 @@ the dataset's answer strings (" A", " B" for WinoGrande). Sources:
   sentence with one blank, two options; :mod:`lalora.generated`). Its answers need world
   knowledge (which of two things can fly, is heavier, ...), and train and test use disjoint
   entities, so a model cannot memorise its way to 100%.
-- ``local``: a folder of the official WinoGrande jsonl files (``train_s.jsonl``, ``dev.jsonl``).
-- ``hub``: ``allenai/winogrande`` through HuggingFace ``datasets``.
+- ``local``: a folder of the official files (WinoGrande's ``train_s.jsonl``, ``dev.jsonl``;
+  ARC's, OpenBookQA's and BoolQ's jsonl: :data:`DATASETS`).
+- ``hub``: the benchmark's HuggingFace dataset through ``datasets``.
+
+``custom`` is the user's own multiple-choice task, from files or the hub (:mod:`lalora.custom`).
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def _arc_files(kind: str) -> dict[str, str]:
 _ARC_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 DATASETS: dict[str, DatasetSpec | None] = {
     "generated": None,  # built by lalora.generated, not read
+    "custom": None,  # the user's own files or hub dataset, read by lalora.custom
     "winogrande": DatasetSpec(
         AB_ANSWERS, "{split}.jsonl", ("allenai/winogrande", None), {}, _winogrande
     ),
@@ -178,9 +182,18 @@ DATASETS: dict[str, DatasetSpec | None] = {
 }
 
 
-def answers_of(name: str) -> tuple[str, ...]:
-    """The answer strings (next tokens) of a dataset."""
-    spec = _spec(name)
+def answers_of(dataset: str | DataConfig) -> tuple[str, ...]:
+    """The answer strings (next tokens) of a dataset (a name, or a data config: a custom
+    dataset's follow from its number of choices)."""
+    if isinstance(dataset, DataConfig):
+        if dataset.name == "custom":
+            from lalora import custom
+
+            return custom.answers(dataset.schema)
+        dataset = dataset.name
+    if dataset == "custom":
+        raise DataError("a custom dataset's answers follow from its data config's schema")
+    spec = _spec(dataset)
     return AB_ANSWERS if spec is None else spec.answers
 
 
@@ -204,6 +217,10 @@ def _parse_all(spec: DatasetSpec, rows: Iterable[tuple[int, dict]], where: str) 
 
 def local_path(name: str, folder: Path, split: str) -> Path:
     """The official file of one split of dataset ``name`` in ``folder`` (checked to exist)."""
+    if name == "custom":
+        from lalora import custom
+
+        return custom.split_file(folder, split)
     spec = _spec(name)
     if spec is None:
         raise DataError(f"dataset {name!r} is generated, not read from files")
@@ -241,8 +258,6 @@ def load_local(name: str, folder: Path, split: str) -> list[Example]:
 
 def load_hub(name: str, split: str) -> list[Example]:
     """Examples of one split from the HuggingFace hub through ``datasets``."""
-    import datasets
-
     spec = _spec(name)
     if spec is None:
         raise DataError(f"dataset {name!r} is generated, not read from the hub")
@@ -252,8 +267,17 @@ def load_hub(name: str, split: str) -> list[Example]:
         train = split.startswith("train_")
         config = f"winogrande_{split.removeprefix('train_') if train else 'xl'}"
         hub_split = "train" if train else "validation"
+    ds = hub_dataset(path, config, hub_split)
+    return _parse_all(spec, enumerate(ds), f"{path}[{hub_split}]")
+
+
+def hub_dataset(path: str, config: str | None, hub_split: str):
+    """One split of a HuggingFace hub dataset through ``datasets``; offline or unreachable, one
+    message that says how to provide it."""
+    import datasets
+
     try:
-        ds = datasets.load_dataset(path, config, split=hub_split)
+        return datasets.load_dataset(path, config, split=hub_split)
     except Exception as err:  # offline, unreachable, unknown split: one message either way
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         offline = any(
@@ -267,7 +291,6 @@ def load_hub(name: str, split: str) -> list[Example]:
             f"data.<dataset>.source=local with a folder of the official files, or warm the "
             "cache where the hub is reachable (datasets.load_dataset) and copy $HF_HOME."
         ) from None
-    return _parse_all(spec, enumerate(ds), f"{path}[{hub_split}]")
 
 
 def load_winogrande_local(folder: Path, split: str) -> list[Example]:
@@ -297,6 +320,8 @@ def source_digest(cfg: DataConfig, root: Path = Path(".")) -> dict:
             p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
             for p in source_files(cfg, root)
         }
+    elif cfg.source == "hub" and cfg.name == "custom":
+        out["hub"] = [cfg.schema.hub_id, cfg.schema.hub_config or None]
     elif cfg.source == "hub":
         spec = _spec(cfg.name)
         out["hub"] = list(spec.hub) if spec is not None else None
@@ -310,6 +335,14 @@ def _sha256(path: Path) -> str:
 
 
 def _load_split(cfg: DataConfig, split: str, root: Path) -> list[Example]:
+    if cfg.name == "custom":
+        from lalora import custom
+
+        folder = resolve_dir(cfg.local_dir, root) if cfg.source == "local" else None
+        try:
+            return [Example(*parsed) for parsed in custom.load(cfg, folder, split)]
+        except custom.CustomDataError as err:
+            raise DataError(str(err)) from None
     if cfg.source == "local":
         return load_local(cfg.name, resolve_dir(cfg.local_dir, root), split)
     if cfg.source == "hub":
@@ -321,7 +354,7 @@ def load_splits(cfg: DataConfig, root: Path = Path(".")) -> tuple[list[Example],
     """Load ``(train, test)`` examples for the configured dataset (``root``: the project, or an
     experiment's workspace, that relative folders start from)."""
     spec = _spec(cfg.name)
-    if spec is None:
+    if spec is None and cfg.name == "generated":
         if cfg.source != "generated":
             raise DataError("dataset 'generated' needs source: generated")
         try:

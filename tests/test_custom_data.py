@@ -1,0 +1,166 @@
+"""The user's own multiple-choice dataset: JSONL, CSV and parquet files with a field mapping,
+a prompt template, any number of choices, and every check naming file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lalora.config import ConfigError, DataConfig, SchemaConfig, compose, load_section
+from lalora.data import DataError, answers_of, load_splits, source_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = [
+    {"qid": "r1", "q": "Which one is red?", "opts": ["a tomato", "the sky", "grass"], "gold": 0},
+    {"qid": "r2", "q": "Which one  is wet?", "opts": ["sand", "water", "dust"], "gold": "B"},
+    {"qid": "r3", "q": "Which one is cold?", "opts": ["fire", "the sun", "ice"], "gold": "ice"},
+]
+SCHEMA = SchemaConfig(n_choices=3, id="qid", question="q", choices=("opts",), answer="gold")
+
+
+def cfg(folder: Path, schema: SchemaConfig = SCHEMA, **kw) -> DataConfig:
+    base = dict(name="custom", source="local", local_dir=str(folder), n_train=3, n_test=3,
+                val_size=0, schema=schema)  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_jsonl_with_its_own_field_names_gives_the_prompts_and_labels(tmp_path):
+    for split in ("train", "test"):
+        write_jsonl(tmp_path / f"{split}.jsonl", RECORDS)
+    train, _ = load_splits(cfg(tmp_path))
+    assert [e.id for e in train] == ["r1", "r2", "r3"]
+    assert [e.label for e in train] == [0, 1, 2]  # an index, a letter, a choice's text
+    assert train[1].prompt == (
+        "Select one of the choices that answers the following question: Which one is wet? "
+        "Choices: A. Sand. B. Water. C. Dust. Answer:"
+    )
+    start, end, keep = train[1].cut
+    assert train[1].prompt[start:end] == "Which one is wet?" and keep == "end"
+    assert answers_of(cfg(tmp_path)) == (" A", " B", " C")
+
+
+def test_a_template_and_five_choices(tmp_path):
+    five = [{"id": f"x{i}", "question": f"Pick {i}", "choices": list("vwxyz"), "answer": i}
+            for i in range(5)]  # fmt: skip
+    for split in ("train", "test"):
+        write_jsonl(tmp_path / f"{split}.jsonl", five)
+    schema = SchemaConfig(n_choices=5, template="Q: {question}\n{choices}\nAnswer:")
+    train, _ = load_splits(cfg(tmp_path, schema, n_train=5, n_test=5))
+    assert train[4].prompt == "Q: Pick 4\nA. V. B. W. C. X. D. Y. E. Z.\nAnswer:"
+    assert answers_of(cfg(tmp_path, schema)) == (" A", " B", " C", " D", " E")
+
+
+def test_csv_with_a_column_per_choice_or_a_json_list_and_parquet(tmp_path):
+    import csv
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "jsonl"
+    for split in ("train", "test"):
+        write_jsonl(jsonl / f"{split}.jsonl", RECORDS)
+    reference = load_splits(cfg(jsonl))
+    per_column = SchemaConfig(n_choices=3, id="qid", question="q", choices=("c1", "c2", "c3"),
+                              answer="gold")  # fmt: skip
+    for folder, header, row in (
+        ("columns", ["qid", "q", "c1", "c2", "c3", "gold"], lambda r: [*r["opts"]]),
+        ("listed", ["qid", "q", "opts", "gold"], lambda r: [json.dumps(r["opts"])]),
+    ):
+        (tmp_path / folder).mkdir()
+        for split in ("train", "test"):
+            with (tmp_path / folder / f"{split}.csv").open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows([r["qid"], r["q"], *row(r), r["gold"]] for r in RECORDS)
+    assert load_splits(cfg(tmp_path / "columns", per_column)) == reference
+    assert load_splits(cfg(tmp_path / "listed")) == reference
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    table = pa.Table.from_pylist([{**r, "gold": str(r["gold"])} for r in RECORDS])
+    for split in ("train", "test"):
+        pq.write_table(table, pq_dir / f"{split}.parquet")
+    assert load_splits(cfg(pq_dir)) == reference
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"q": "Which?", "opts": ["a", "b"], "gold": 0}, r"train\.jsonl:2: 2 choices, and the "
+         r"dataset has 3 \(schema\.n_choices\)"),
+        ({"q": "Which?", "opts": ["a", "b", "c"], "gold": 3}, r"train\.jsonl:2: field 'gold' is 3"
+         r", not a choice index 0 to 2"),
+        ({"q": "Which?", "opts": ["a", "b", "c"], "gold": "D"}, r"train\.jsonl:2: field 'gold' is "
+         r"'D': expected a choice index \(0 to 2\), a letter \(A, B, C\)"),
+        ({"opts": ["a", "b", "c"], "gold": 0}, r"train\.jsonl:2: missing field 'q'"),
+        ({"q": " ", "opts": ["a", "b", "c"], "gold": 0}, r"train\.jsonl:2: field 'q' must be a "
+         r"non-empty string"),
+        ({"q": "Which?", "opts": "a, b, c", "gold": 0}, r"train\.jsonl:2: field 'opts' must be a "
+         r"list of choices"),
+    ],
+)  # fmt: skip
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, bad, message):
+    write_jsonl(tmp_path / "train.jsonl", [RECORDS[0], bad])
+    write_jsonl(tmp_path / "test.jsonl", RECORDS)
+    with pytest.raises(DataError, match=message):
+        load_splits(cfg(tmp_path, n_train=2))
+
+
+def test_not_utf8_two_files_for_a_split_and_a_missing_folder_are_named(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b'qid,q,opts,gold\nr1,caf\xe9,"[]",0\n')
+    write_jsonl(tmp_path / "test.jsonl", RECORDS)
+    with pytest.raises(DataError, match=r"train\.csv: not UTF-8 \(byte 0xe9"):
+        load_splits(cfg(tmp_path))
+    write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    with pytest.raises(DataError, match=r"expected one of train\.jsonl.*found train\.jsonl, "
+                       r"train\.csv"):  # fmt: skip
+        load_splits(cfg(tmp_path))
+    with pytest.raises(DataError, match="custom dataset folder not found"):
+        load_splits(cfg(tmp_path / "nowhere"))
+
+
+def test_the_schema_is_checked_when_the_params_load():
+    with pytest.raises(ConfigError, match=r"needs schema\.n_choices >= 2"):
+        DataConfig(name="custom", source="local", local_dir="x")
+    with pytest.raises(ConfigError, match="only a custom dataset has a schema"):
+        DataConfig(name="arc_e", source="local", local_dir="x", schema=SCHEMA)
+    with pytest.raises(ConfigError, match=r"must contain \{question\} and \{choices\}"):
+        SchemaConfig(n_choices=3, template="Q: {question} {answer}")
+    with pytest.raises(ConfigError, match="one field per choice"):
+        SchemaConfig(n_choices=3, choices=("a", "b"))
+    with pytest.raises(ConfigError, match="needs its id"):
+        DataConfig(name="custom", source="hub", schema=SCHEMA)
+    with pytest.raises(ConfigError, match=r"n_choices must be 2 to 26"):
+        SchemaConfig(n_choices=1)
+
+
+def test_the_hub_source_reads_by_id_and_fails_offline_with_one_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    hub = DataConfig(name="custom", source="hub", n_train=3, n_test=3, val_size=0,
+                     schema=SchemaConfig(n_choices=3, hub_id="someone/their-mcq"))  # fmt: skip
+    with pytest.raises(DataError, match=r"dataset 'someone/their-mcq' \(default, split 'train'\) "
+                       r"is not in the datasets cache and the hub is off"):  # fmt: skip
+        load_splits(hub)
+    assert source_digest(hub)["hub"] == ["someone/their-mcq", None]
+
+
+def test_the_example_option_composes_and_its_files_are_digested():
+    raw = compose(ROOT / "conf", ["data=properties3"])
+    data = load_section(DataConfig, raw["data"]["properties3"], "data.properties3")
+    train, test = load_splits(data, ROOT)
+    assert (len(train), len(test)) == (150, 90)
+    assert {e.label for e in train} == {0, 1, 2}
+    digest = source_digest(data, ROOT)
+    assert set(digest["files"]) == {"train.jsonl", "test.jsonl"}
+    # train and test share no entity
+    folder = ROOT / "conf" / "data" / "examples" / "properties3"
+    seen = [{c for line in (folder / f"{split}.jsonl").read_text().splitlines()
+             for c in json.loads(line)["choices"]} for split in ("train", "test")]  # fmt: skip
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
