@@ -10,7 +10,7 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.errors import NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.laplace.kfac import fit_kfac
+from lalora.laplace import fit_kfac
 from lalora.pipeline import load_split_run
 
 

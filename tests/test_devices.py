@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import runpy
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tiny_study
 import torch
-import yaml
+from tiny_study import AT, evaluate, stage, train_and_export, tune_prior, write_params
 
 from lalora.config import DataConfig, FinetuneConfig, KfacConfig, ModelCard
 from lalora.data import load_splits
@@ -238,77 +238,47 @@ class LoadCount:
         return counted
 
 
-def _stage(script: str, args: list[str], monkeypatch) -> None:
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
-
-
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory):
-    """A tiny study's artifacts made by the stage scripts themselves (no DVC): the generated
-    task and a second generated set (another seed) as its shift target."""
+    """A tiny study (tests/stages.py) with a second generated set (another seed) as the shift
+    target of the first."""
     folder = tmp_path_factory.mktemp("stages")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = ["tiny-a"]
-    params["zoo"] = {"tiny-a": {"source": "tiny", "arch": "llama", "targets": ["q_proj", "v_proj"],
-                                "lm_head": True, "r": 8, "alpha": 16, "dropout": 0.1,
-                                "quantization": "none", "dtype": "float32"}}  # fmt: skip
-    params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
-    params["data"]["other"] = {**params["data"]["generated"], "seed": 5, "n_test": 6}
-    params["shift"] = {"generated": ["other"]}
-    params["finetune"].update(steps=2, save_every=2, batch_size=4)
-    params["checkpoints"] = [0, 2]
-    params["kfac"].update(batch_size=6)
-    params["predictive"].update(samples=100)
-    params["evaluate"].update(methods=["la", "la_val", "llla", "temperature", "mc_dropout"],
-                              mc_samples=2)  # fmt: skip
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def shifted(params):
+        params["data"]["other"] = {**params["data"]["generated"], "seed": 5, "n_test": 6}
+        params["shift"] = {"generated": ["other"]}
+
+    write_params(folder, shifted)
     return folder
 
 
 def test_each_stage_loads_the_base_model_once(study_dir, monkeypatch):
     monkeypatch.chdir(study_dir)
-    m = "models/tiny-a/generated"
-    _stage("prepare.py", ["--dataset", "generated", "--out", "data/generated"], monkeypatch)
-    _stage("finetune.py", ["--model", "tiny-a", "--data", "data/generated/train.jsonl",
-                           "--out", f"{m}/checkpoints", "--loss-csv", "loss.csv"],
-           monkeypatch)  # fmt: skip
-    for step in (0, 2):
-        _stage("export.py", ["--checkpoints", f"{m}/checkpoints", "--step", str(step),
-                             "--out", f"{m}/adapters/step-{step}"], monkeypatch)  # fmt: skip
+    train_and_export(monkeypatch)
     count = LoadCount(monkeypatch)
-    _stage("fit_kfac.py", ["--model", "tiny-a", "--adapter", f"{m}/adapters/step-2",
-                           "--data", "data/generated/train.jsonl", "--out", f"{m}/kfac/step-2"],
-           monkeypatch)  # fmt: skip
+    tiny_study.fit_kfac(monkeypatch)
     assert count.loads == 1
-    _stage("tune_prior.py", ["--model", "tiny-a", "--kfac", f"{m}/kfac/step-2",
-                             "--adapter", f"{m}/adapters/step-2",
-                             "--init", f"{m}/adapters/step-0", "--val", "data/generated/val.jsonl",
-                             "--out", f"{m}/prior/step-2.json"], monkeypatch)  # fmt: skip
+    tune_prior(monkeypatch)
     assert count.loads == 2
-    _stage("evaluate.py", ["--model", "tiny-a", "--dataset", "generated", "--step", "2",
-                           "--adapter", f"{m}/adapters/step-2", "--kfac", f"{m}/kfac/step-2",
-                           "--prior", f"{m}/prior/step-2.json",
-                           "--data", "data/generated/test.jsonl", "--out", "eval.json",
-                           "--predictions", "pred.safetensors"], monkeypatch)  # fmt: skip
+    evaluate(monkeypatch)
     assert count.loads == 3
-    _stage("shift.py", ["--model", "tiny-a", "--dataset", "generated", "--out", "shift.json",
-                        "--predictions", "shift"], monkeypatch)  # fmt: skip
+    stage("shift.py", ["--model", "tiny-a", "--dataset", "generated", "--out", "shift.json",
+                       "--predictions", "shift"], monkeypatch)  # fmt: skip
     assert count.loads == 4  # one for the target; the checkpoint is step 2
 
-    result = json.loads(Path("eval.json").read_text())
-    prior = json.loads(Path(f"{m}/prior/step-2.json").read_text())
+    result = json.loads(AT.metrics(2).read_text())
+    prior = json.loads(AT.prior(2).read_text())
     # each posterior once, under its own key; the configured one is a name for one of them
     assert result["laplace_method"] == "la_val" and "laplace" not in result
     assert set(result["methods"]) == {"map", "la", "la_val", "llla", "temperature", "mc_dropout"}
     # temperature: fitted in tune_prior on the validation MAP logits, as evaluate used to
     assert result["info"]["temperature"] == prior["temperature"]
-    _check_temperature_equals_a_fresh_fit(prior["temperature"]["T"], m)
+    _check_temperature_equals_a_fresh_fit(prior["temperature"]["T"])
     shifted = json.loads(Path("shift.json").read_text())["other"]
     assert shifted["info"]["temperature"] == prior["temperature"]
 
 
-def _check_temperature_equals_a_fresh_fit(T: float, m: str) -> None:
+def _check_temperature_equals_a_fresh_fit(T: float) -> None:
     """The temperature of the validation split's MAP logits, computed as evaluate did before
     (a no-grad forward of its own): the same number, to the bit."""
     from lalora.baselines import fit_temperature
@@ -316,8 +286,8 @@ def _check_temperature_equals_a_fresh_fit(T: float, m: str) -> None:
     from lalora.pipeline import load_split_run
 
     params = load_params("params.yaml")
-    run = load_split_run(params, "tiny-a", Path(f"{m}/adapters/step-2"),
-                         Path("data/generated/val.jsonl"), params.evaluate.batch_size)  # fmt: skip
+    run = load_split_run(params, "tiny-a", AT.adapter(2), Path("data/generated/val.jsonl"),
+                         params.evaluate.batch_size)  # fmt: skip
     with torch.no_grad():
         logits = torch.cat([run.logits_fn(run.model, b) for b in run.batches])
     assert fit_temperature(logits, run.labels)[0] == T

@@ -166,7 +166,12 @@ def shifted(tmp_path_factory):
         }
         # arc_small: a shift target the study does not train on (no prepare stage)
         params["data"]["arc_small"] = {**params["data"]["arc_e"], "n_test": 4, "seed": 1}
-        params["datasets"] = ["obqa", "arc_e"]
+        # the user's own three-choice task: the shipped example's files, a subset
+        params["data"]["custom3"] = {
+            **common, "name": "custom", "local_dir": "conf/data/examples/properties3",
+            "schema": {"n_choices": 3, "choices": ["choices"]},
+        }  # fmt: skip
+        params["datasets"] = ["obqa", "arc_e", "custom3"]
         params["shift"] = {"obqa": ["arc_e", "arc_small"]}
         params["ensemble"] = {"members": 2}
 
@@ -353,15 +358,24 @@ def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
 
 
 def test_four_choice_datasets_with_shift_run_every_method(shifted):
-    """Two four-choice datasets (C - 1 = 3 backward passes), every method, and the shift of the
-    first dataset's final checkpoint to the second's test set."""
+    """Two four-choice datasets (C - 1 = 3 backward passes) and a custom three-choice one (the
+    user's own files), every method, and the shift of the first dataset's final checkpoint to
+    the second's test set."""
     repo, env = shifted
     ran = repro(repo, env)
     assert {"prepare@obqa", "prepare@arc_e", "shift@tiny-a-obqa", "shift@tiny-a-arc_e"} <= ran
     t2 = pd.read_csv(repo / "metrics" / "table2.csv")
-    assert list(t2.columns) == ["LLM", "Metric", "OBQA", "ARC-E"]
+    assert list(t2.columns) == ["LLM", "Metric", "OBQA", "ARC-E", "custom3"]
     split = (repo / "data" / "obqa" / "test.jsonl").read_text().splitlines()
     assert json.loads(split[0]) == {"answers": [" A", " B", " C", " D"]}
+    custom = (repo / "data" / "custom3" / "test.jsonl").read_text().splitlines()
+    assert json.loads(custom[0]) == {"answers": [" A", " B", " C"]} and len(custom) == 7
+    assert "C. " in json.loads(custom[1])["prompt"] and "D. " not in json.loads(custom[1])["prompt"]
+    every = {"map", "la", "la_val", "llla", "temperature", "mc_dropout", "ensemble",
+             "deep_ensemble"}  # fmt: skip
+    mine = json.loads((repo / "metrics" / "summary.json").read_text())["tiny-a"]["custom3"]
+    assert {k for k in every if "nll" in mine.get(k, {})} == every, mine
+    assert all(0 <= mine[k]["ece"] <= 1 and mine[k]["nll"] > 0 for k in every)
     shift = json.loads((repo / "metrics" / "shift" / "tiny-a" / "obqa.json").read_text())
     assert set(shift) == {"arc_e", "arc_small"} and shift["arc_e"]["step"] == 2
     assert not any("arc_small" in s and s.startswith("prepare") for s in ran)
@@ -379,7 +393,7 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
         method = next(k for k, v in METHOD_NAMES.items() if v == row.method)
         assert summary["obqa"]["shift"][key][method]["nll"] == pytest.approx(row.NLL, rel=1e-12)
     comparison = pd.read_csv(repo / "metrics" / "comparison.csv")
-    assert set(comparison.dataset) == {"obqa", "arc_e"}
+    assert set(comparison.dataset) == {"obqa", "arc_e", "custom3"}
     assert "Deep ensemble" in set(comparison.method)
     # the deep ensemble averages the final MAP and the seed-1 run, which differs from it
     final, _, ids = load_predictions(repo / "predictions/tiny-a/obqa/step-2.safetensors")

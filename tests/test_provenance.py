@@ -82,3 +82,13 @@ def test_the_fingerprint_covers_the_library_versions(monkeypatch, tmp_path):
     assert set(library_versions()) == {"torch", "transformers", "peft"}
     monkeypatch.setattr(prov, "library_versions", lambda: {"torch": "9.9", "peft": "0"})
     assert code_fingerprint(script, SRC) != before
+
+
+def test_a_lazily_re_exported_name_is_followed_to_its_module(tmp_path):
+    """``from lalora.laplace import fit_kfac`` runs kfac.py (through the package's lazy
+    ``__getattr__``): the closure has it, and not the package's other modules."""
+    script = tmp_path / "stage.py"
+    script.write_text("from lalora.laplace import fit_kfac, tune_priors\n")
+    names = {p.relative_to(SRC).as_posix() for p in module_closure(script, SRC)}
+    assert {"laplace/__init__.py", "laplace/kfac.py", "laplace/tuning.py"} <= names
+    assert "laplace/peft.py" not in names and "laplace/exact.py" not in names

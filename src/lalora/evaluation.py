@@ -27,8 +27,7 @@ from lalora.data import read_split
 from lalora.distributed import SINGLE, Dist
 from lalora.errors import ArtifactError
 from lalora.io import read_json
-from lalora.laplace.posterior import Posterior
-from lalora.laplace.predictive import predict_covariances, predictive_probs
+from lalora.laplace import Posterior, predict_covariances, predictive_probs
 from lalora.metrics import score
 from lalora.pipeline import load_split_run
 

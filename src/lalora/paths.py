@@ -10,6 +10,7 @@ workspace (where ``..`` would land inside ``.dvc/tmp/exps``).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 EXPERIMENTS = (".dvc", "tmp", "exps")
@@ -36,3 +37,38 @@ def resolve_dir(folder: str | Path, root: Path) -> Path:
     if here == root or root in here.parents:
         return here
     return Path(os.path.normpath(project_root(root) / folder))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the study keeps one model's artifacts for one dataset, under ``root`` (the
+    project or an experiment's workspace): the paths ``dvc.yaml`` gives the stages (a test
+    holds the two equal)."""
+
+    model: str
+    dataset: str
+    root: Path = Path(".")
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / self.model / self.dataset
+
+    def checkpoints(self) -> Path:
+        return self.models / "checkpoints"
+
+    def adapter(self, step: int) -> Path:
+        return self.models / "adapters" / f"step-{step}"
+
+    def kfac(self, step: int) -> Path:
+        return self.models / "kfac" / f"step-{step}"
+
+    def prior(self, step: int) -> Path:
+        return self.models / "prior" / f"step-{step}.json"
+
+    def metrics(self, step: int) -> Path:
+        return (
+            self.root / "metrics" / "checkpoints" / self.model / self.dataset / f"step-{step}.json"
+        )
+
+    def predictions(self, step: int) -> Path:
+        return self.root / "predictions" / self.model / self.dataset / f"step-{step}.safetensors"

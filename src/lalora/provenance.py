@@ -37,14 +37,19 @@ def _module_file(name: str, src: Path) -> Path | None:
 def _imported(tree: ast.AST, src: Path) -> set[Path]:
     """Files of the ``lalora`` modules one source file imports: every package on the dotted
     path (importing ``lalora.laplace.kfac`` runs ``lalora/laplace/__init__.py``) and, for
-    ``from lalora.pkg import name``, ``name`` itself where it is a submodule."""
+    ``from lalora.pkg import name``, ``name`` itself where it is a submodule, or the submodule
+    that ``pkg`` re-exports it from lazily (its ``_EXPORTS``, :func:`lazy_exports`)."""
     names: list[str] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
-            names += [f"{node.module}.{alias.name}" for alias in node.names]
+            exports = lazy_exports(node.module, src)
+            for alias in node.names:
+                names.append(f"{node.module}.{alias.name}")
+                if alias.name in exports:
+                    names.append(f"{node.module}.{exports[alias.name]}")
     out = set()
     for name in names:
         parts = name.split(".")
@@ -53,6 +58,26 @@ def _imported(tree: ast.AST, src: Path) -> set[Path]:
             if path is not None:
                 out.add(path)
     return out
+
+
+def lazy_exports(package: str, src: Path = SRC) -> dict[str, str]:
+    """``{name: submodule}`` of a ``lalora`` package whose ``__init__.py`` re-exports names
+    lazily through a literal ``_EXPORTS`` dict (``lalora.laplace``); empty for any other."""
+    path = _module_file(package, src)
+    if path is None or path.name != "__init__.py":
+        return {}
+    for node in ast.parse(path.read_text()).body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)
+            and isinstance(node.value, ast.Dict)
+        ):
+            return {
+                k.value: v.value
+                for k, v in zip(node.value.keys, node.value.values, strict=True)
+                if isinstance(k, ast.Constant) and isinstance(v, ast.Constant)
+            }
+    return {}
 
 
 def module_closure(script: Path, src: Path = SRC) -> list[Path]:

@@ -1,14 +1,20 @@
 """Laplace approximation over LoRA weights (Yang et al. 2024, "Bayesian Low-Rank Adaptation for
 Large Language Models"): Kronecker factors, marginal likelihood, linearised predictive.
 
-A small API in the spirit of laplace-torch::
+The API the pipeline's stages use, in the spirit of laplace-torch::
 
     post = fit_kfac(model, batches, logits_fn, modules)        # factors, no prior yet
-    post = tune_prior(post)                                    # maximise log Z over lambda
-    probs, cov = predict(model, batches, logits_fn, modules, post, link="mc")
+    post, _ = centre(post, lora_weights)                       # the prior mean (zero)
+    tuned = tune_priors(post, Validation(features, labels), PriorConfig(), PredictiveConfig())
+    mean, covs = predict_covariances(model, batches, logits_fn, modules, tuned.posteriors)
+    probs = predictive_probs(mean, covs["la_val"], link="mc")
 
-Names are imported lazily, so importing one submodule (``lalora.laplace.kfac``) does not import
-the others: a pipeline stage depends only on the modules it really uses.
+:func:`laplace_lora` does all of it for any PEFT LoRA model and a list of (prompt, answer)
+pairs (README, "Laplace-LoRA on your own PEFT model").
+
+Names are imported lazily, so importing one of them imports only its submodule: a pipeline
+stage depends only on the modules it really uses (:func:`lalora.provenance.lazy_exports` reads
+``_EXPORTS`` to follow them).
 """
 
 from __future__ import annotations
@@ -33,8 +39,18 @@ _EXPORTS = {
     "jacobian_features": "predictive",
     "logit_covariance": "predictive",
     "predict": "predictive",
+    "predict_covariances": "predictive",
     "predictive_probs": "predictive",
     "tune_prior_nll": "predictive",
+    "TunedPriors": "tuning",
+    "Validation": "tuning",
+    "centre": "tuning",
+    "entry": "tuning",
+    "record": "tuning",
+    "tune_priors": "tuning",
+    "LaplaceLoRA": "lora",
+    "Prediction": "lora",
+    "laplace_lora": "lora",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,143 @@
+"""Predictions for new inputs from a study's artifacts (``lalora.predict``), and the README's
+Laplace-LoRA snippet on a plain PEFT model, both against what the pipeline's evaluate wrote."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_study import AT, ROOT, evaluate, fit_kfac, train_and_export, tune_prior, write_params
+
+from lalora.errors import ArtifactError
+from lalora.io import load_predictions
+from lalora.paths import Layout
+
+
+def _edit(params: dict) -> None:
+    # the snippet's defaults: a prior centred at zero, batches of 8, 10,000 samples
+    params["prior"]["mean"] = "zero"
+    params["kfac"]["batch_size"] = 8
+    params["evaluate"]["batch_size"] = 8
+    params["predictive"]["samples"] = 10000
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("predict")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        write_params(folder, _edit)
+        train_and_export(mp)
+        fit_kfac(mp)
+        tune_prior(mp)
+        evaluate(mp)
+    return folder
+
+
+def test_predict_on_the_test_split_reproduces_evaluate(study):
+    from lalora.predict import load
+
+    predictor = load("tiny-a", "generated", root=study)
+    examples = predictor.read(study / "data" / "generated" / "test.jsonl")
+    saved, _, ids = load_predictions(study / AT.predictions(2))
+    assert [e.id for e in examples] == ids
+    assert predictor.step == 2 and predictor.laplace.tuned.configured == "la_val"
+    for method in ("la", "la_val", "llla"):
+        pred = predictor.predict(examples, method)
+        assert float((pred.probs - saved[method]).abs().max()) <= 1e-10, method
+        assert float((pred.map - saved["map"]).abs().max()) <= 1e-6
+        assert pred.std.shape == (len(examples), 1) and bool((pred.std > 0).all())
+
+
+def test_the_command_renders_a_question_and_reads_records(study, monkeypatch, capsys):
+    from lalora.predict import main
+
+    monkeypatch.chdir(study)
+    out = study / "one.jsonl"
+    main(["--model", "tiny-a", "--dataset", "generated", "--method", "la",
+          "--question", "Of the owl and the sofa, only the _ is alive.",
+          "--choices", "owl", "sofa", "--out", str(out)])  # fmt: skip
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["method"] == "la" and set(row["choices"]) == {"A", "B"}
+    assert sum(c["laplace"] for c in row["choices"].values()) == pytest.approx(1, abs=1e-12)
+    assert set(row["contrast_std"]) == {"A-B"} and row["contrast_std"]["A-B"] > 0
+    assert "Choices: A. owl. B. sofa. Answer:" in row["prompt"]
+    records = study / "records.jsonl"
+    records.write_text(json.dumps({"qID": "q1", "sentence": "Of the owl and the sofa, only the "
+                                   "_ is alive.", "option1": "owl", "option2": "sofa",
+                                   "answer": "1"}) + "\n")  # fmt: skip
+    main(["--model", "tiny-a", "--dataset", "generated", "--method", "la",
+          "--input", str(records)])  # fmt: skip
+    shown = capsys.readouterr().out
+    assert shown.startswith("q1: ") and "logit contrast std (la): A-B" in shown
+    a = re.search(r"\n  A\s+([\d.]+)\s+([\d.]+)", shown)
+    assert float(a[2]) == pytest.approx(row["choices"]["A"]["laplace"], abs=1e-4)
+
+
+def test_a_missing_artifact_names_the_stage_that_makes_it(study):
+    from lalora.predict import PredictError, load
+
+    with pytest.raises(ArtifactError, match=r"fit_kfac@tiny-a-generated-0"):
+        load("tiny-a", "generated", step=0, root=study)
+    with pytest.raises(PredictError, match="step 3 is not a checkpoint"):
+        load("tiny-a", "generated", step=3, root=study)
+
+
+def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    item = {"model": "m", "dataset": "d", "step": 7}
+    cmd = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages["evaluate"]["cmd"])
+    args = dict(re.findall(r"--(\w+) (\S+)", cmd))
+    at = Layout("m", "d")
+    assert Path(args["adapter"]) == at.adapter(7) and Path(args["kfac"]) == at.kfac(7)
+    assert Path(args["prior"]) == at.prior(7) and Path(args["out"]) == at.metrics(7)
+    assert Path(args["predictions"]) == at.predictions(7)
+    fit = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages["fit_kfac"]["cmd"])
+    assert Path(dict(re.findall(r"--(\w+) (\S+)", fit))["out"]) == at.kfac(7)
+
+
+def _readme_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Laplace-LoRA on your own PEFT model", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_snippet_runs_as_written_and_gives_the_pipeline_s_probabilities(study):
+    """Only the lines marked ``# yours`` get this test's model and data (the tiny base model
+    saved as a folder, the study's step-2 adapter, its prepared splits)."""
+    from lalora.config import ModelCard
+    from lalora.data import read_split
+    from lalora.models import load_card_model
+
+    card = ModelCard(source="tiny", arch="llama")
+    tok, base = load_card_model(card, seed=0)
+    base.save_pretrained(study / "base")
+    tok.save_pretrained(study / "base")
+    splits = {s: read_split(study / "data" / "generated" / f"{s}.jsonl") for s in ("train", "val")}
+    test = read_split(study / "data" / "generated" / "test.jsonl")
+    mine = {
+        "base, adapter": f"{str(study / 'base')!r}, {str(study / AT.adapter(2))!r}",
+        "train": repr([(e.prompt, e.label) for e in splits["train"].examples]),
+        "val": repr([(e.prompt, e.label) for e in splits["val"].examples]),
+        "test": repr([e.prompt for e in test.examples]),
+    }
+    lines = []
+    for line in _readme_snippet().splitlines():
+        if "# yours" in line:
+            name = line.split(" = ", 1)[0]
+            line = f"{name} = {mine.pop(name)}"
+        lines.append(line)
+    assert not mine, f"the README's snippet no longer marks {sorted(mine)} as yours"
+    scope: dict = {}
+    exec(compile("\n".join(lines), "README.md", "exec"), scope)
+    saved, _, _ = load_predictions(study / AT.predictions(2))
+    prediction = scope["prediction"]
+    assert float((prediction.probs - saved["la_val"]).abs().max()) <= 1e-8
+    assert float((prediction.map - saved["map"]).abs().max()) <= 1e-6
+    assert prediction.std.shape == (len(test.examples), 1)
+    assert not torch.allclose(prediction.probs, prediction.map)
