@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lalora.config import ModelCard, load_params
-from lalora.data import Example, load_winogrande_local, winogrande_prompt
+from lalora.data import Example, load_local, winogrande_prompt
 from lalora.generated import generate_task
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import predict_covariance, predictive_probs
@@ -49,8 +49,8 @@ def examples(n_train: int, n_test: int) -> tuple[list[Example], list[Example], s
     """WinoGrande-S train and dev prompts from ``../shared/data`` when present, else the
     generated task; and the name of the source."""
     if SHARED_WINOGRANDE.is_dir():
-        train = load_winogrande_local(SHARED_WINOGRANDE, "train_s")[:n_train]
-        test = load_winogrande_local(SHARED_WINOGRANDE, "dev")[:n_test]
+        train = load_local("winogrande", SHARED_WINOGRANDE, "train_s")[:n_train]
+        test = load_local("winogrande", SHARED_WINOGRANDE, "dev")[:n_test]
         return train, test, "WinoGrande-S train / dev"
     tr, te = generate_task(max(n_train, 20), max(n_test, 20), seed=0)
     train = [winogrande_prompt(r, f"gen {i}") for i, r in enumerate(tr[:n_train])]

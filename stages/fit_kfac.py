@@ -26,15 +26,15 @@ def main() -> None:
     params = load_params(args.params)
     dist = init()
     cfg = params.kfac
-    run = load_split_run(
+    split = load_split_run(
         params, args.model, args.adapter, args.data, cfg.batch_size, stage="fit_kfac"
     )
     try:
         post = fit_kfac(
-            run.model,
-            run.batches,
-            run.logits_fn,
-            run.modules,
+            split.model,
+            split.batches,
+            split.logits_fn,
+            split.modules,
             fisher=cfg.fisher,
             rank=cfg.rank,
             max_dense=cfg.max_dense,

@@ -37,11 +37,11 @@ def main() -> None:
     post, symmetry = centre(post, adapter_lora_weights(args.adapter, names), init_weights)
     val = None
     if read_split(args.val).examples:  # one Jacobian pass over the validation split
-        run = load_split_run(params, args.model, args.adapter, args.val,
+        split = load_split_run(params, args.model, args.adapter, args.val,
                              params.evaluate.batch_size, stage="tune_prior")  # fmt: skip
-        feats = jacobian_features(run.model, run.batches, run.logits_fn, run.modules, post,
+        feats = jacobian_features(split.model, split.batches, split.logits_fn, split.modules, post,
                                   dist=current())  # fmt: skip
-        val = Validation(feats, run.labels)
+        val = Validation(feats, split.labels)
     if not dist.main:
         return finish(dist)
     tuned = tune_priors(post, val, params.prior, params.predictive, where)

@@ -11,8 +11,8 @@ from lalora.config import DataConfig
 from lalora.data import (
     WINOGRANDE_PROMPT,
     DataError,
+    load_local,
     load_splits,
-    load_winogrande_local,
     read_split,
     split_validation,
     winogrande_prompt,
@@ -78,15 +78,15 @@ def test_malformed_inputs_name_file_and_line(tmp_path):
     good = {"qID": "q", "sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}
     (folder / "train_s.jsonl").write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(DataError, match=r"train_s.jsonl:2: invalid JSON"):
-        load_winogrande_local(folder, "train_s")
+        load_local("winogrande", folder, "train_s")
     (folder / "train_s.jsonl").write_text(json.dumps({**good, "sentence": "no blank"}) + "\n")
     with pytest.raises(DataError, match=r"train_s.jsonl:1: sentence must contain exactly one '_'"):
-        load_winogrande_local(folder, "train_s")
+        load_local("winogrande", folder, "train_s")
     (folder / "train_s.jsonl").write_text(json.dumps({"sentence": "A _"}) + "\n")
     with pytest.raises(DataError, match=r"train_s.jsonl:1: missing field 'option1'"):
-        load_winogrande_local(folder, "train_s")
+        load_local("winogrande", folder, "train_s")
     with pytest.raises(DataError, match="local winogrande folder not found: looked in"):
-        load_winogrande_local(tmp_path / "absent", "train_s")
+        load_local("winogrande", tmp_path / "absent", "train_s")
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         load_splits(DataConfig(name="mnist"))
 

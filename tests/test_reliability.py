@@ -33,7 +33,7 @@ from lalora.config import (
     load_params,
     load_section,
 )
-from lalora.data import DataError, load_splits, load_winogrande_local, read_jsonl
+from lalora.data import DataError, load_local, load_splits, read_jsonl
 from lalora.errors import ArtifactError, NonFiniteError
 from lalora.finetune import CorruptCheckpointWarning, latest_checkpoint, train
 from lalora.io import STAGING
@@ -279,11 +279,11 @@ def test_dataclass_defaults_equal_the_composed_conf_defaults():
 def test_an_empty_training_file_and_a_null_option_are_named(tmp_path):
     (tmp_path / "train_s.jsonl").write_text("")
     with pytest.raises(DataError, match=r"train_s\.jsonl: no examples"):
-        load_winogrande_local(tmp_path, "train_s")
+        load_local("winogrande", tmp_path, "train_s")
     record = {"sentence": "The _ is big.", "option1": None, "option2": "cat", "answer": "1"}
     (tmp_path / "dev.jsonl").write_text("\n" + json.dumps(record) + "\n")
     with pytest.raises(DataError, match=r"dev\.jsonl:2: field 'option1' must be a non-empty"):
-        load_winogrande_local(tmp_path, "dev")
+        load_local("winogrande", tmp_path, "dev")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,11 +293,6 @@ def hub_dataset(path: str, config: str | None, hub_split: str):
         ) from None
 
 
-def load_winogrande_local(folder: Path, split: str) -> list[Example]:
-    """Read ``{folder}/{split}.jsonl`` (official WinoGrande v1.1 files)."""
-    return load_local("winogrande", folder, split)
-
-
 def read_splits(cfg: DataConfig) -> list[str]:
     """The splits a data config reads: ``[split_from]``, or ``[train_split, test_split]``."""
     return [cfg.split_from] if cfg.split_from else [cfg.train_split, cfg.test_split]

@@ -416,8 +416,9 @@ def _take(
 def generate_task(
     n_train: int, n_test: int, seed: int, comparison_share: float = COMPARISON_SHARE
 ) -> tuple[list[dict], list[dict]]:
-    """The generated task as WinoGrande-format records ``(train, test)``, half property and half
-    comparison items in each, on disjoint entity names (:func:`split_entities`)."""
+    """The generated task as WinoGrande-format records ``(train, test)``, a ``comparison_share``
+    (a quarter) of comparison items and the rest property items in each, on disjoint entity
+    names (:func:`split_entities`)."""
     rng = random.Random(seed)
     out = []
     for prefix, names, n in zip(

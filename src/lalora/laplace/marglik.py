@@ -83,14 +83,6 @@ def squared_distances(weights: dict[str, Tensor], mean: dict[str, Tensor]) -> di
     return {n: float((w.double() - mean[n].double()).pow(2).sum()) for n, w in weights.items()}
 
 
-def module_log_det(m: ModuleFactors, prior_precision: float) -> float:
-    """log det(A_m (x) G_m + lambda I), zeros beyond the kept ranks included."""
-    ag = torch.outer(m.a.evals, m.g.evals)  # (k_a, k_g)
-    return float(torch.log(ag + prior_precision).sum()) + (m.n_params - ag.numel()) * math.log(
-        prior_precision
-    )
-
-
 def module_evidence(
     m: ModuleFactors, prior_precision: float, evidence: Evidence | str = Evidence.STANDARD
 ) -> float:
