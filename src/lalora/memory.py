@@ -75,9 +75,15 @@ class Estimate:
         return Estimate(parts, (*self.keys, "launch.nproc_per_node"))
 
 
+def _dense(d: int, cfg: KfacConfig) -> bool:
+    """Whether a factor side of size ``d`` is kept dense (as :func:`lalora.laplace.kron.
+    make_accumulator` decides)."""
+    return d <= cfg.max_dense or cfg.rank >= d
+
+
 def _side(d: int, cfg: KfacConfig) -> tuple[int, bool]:
     """Bytes held while accumulating one factor side of size ``d``, and whether it is dense."""
-    if d <= cfg.max_dense or cfg.rank >= d:
+    if _dense(d, cfg):
         return d * d * BYTES, True
     cols = 2 * (2 * cfg.rank + 10) if cfg.update == "nystrom" else 2 * (cfg.rank + 64)
     return d * min(d, cols) * BYTES, False
@@ -104,25 +110,32 @@ def _input_owner(name: str) -> str | None:
     return None
 
 
+def _sides(modules: dict):
+    """``(name, label, d)`` of every factor side of ``modules`` that is accumulated: the input
+    side ``A`` (d_in) and the output-gradient side ``G`` (d_out) of each, an input side that
+    sibling projections share once."""
+    owners = set()
+    for name, module in modules.items():
+        d_out, d_in = _shape(module)
+        owner = _input_owner(name)
+        if owner is None or owner not in owners:
+            owners.add(owner)
+            yield name, "A", int(d_in)
+        yield name, "G", int(d_out)
+
+
 def factor_memory(modules: dict, cfg: KfacConfig) -> Estimate:
     """Factor fitting of the LoRA ``modules`` (``lalora.models.lora_modules``, or their weight
     shapes (d_out, d_in) by name) under ``cfg``: every side's accumulator (an input side that
     sibling projections share counted once), plus the largest dense side's
     eigendecomposition."""
-    parts, workspace, owners = {}, 0, set()
-    for name, module in modules.items():
-        d_out, d_in = _shape(module)
-        owner = _input_owner(name)
-        for label, d in (("A", d_in), ("G", d_out)):
-            if label == "A" and owner is not None:
-                if owner in owners:
-                    continue
-                owners.add(owner)
-            size, dense = _side(int(d), cfg)
-            kind = f"dense {d} x {d}" if dense else f"low-rank {d} x {cfg.rank}"
-            parts[f"{name} {label} ({kind})"] = size
-            if dense:
-                workspace = max(workspace, 2 * size)
+    parts, workspace = {}, 0
+    for name, label, d in _sides(modules):
+        size, dense = _side(d, cfg)
+        kind = f"dense {d} x {d}" if dense else f"low-rank {d} x {cfg.rank}"
+        parts[f"{name} {label} ({kind})"] = size
+        if dense:
+            workspace = max(workspace, 2 * size)
     if workspace:
         parts["eigendecomposition of the largest dense side"] = workspace
     return Estimate(parts, ("kfac.rank", "kfac.max_dense", "kfac.update"))
@@ -132,20 +145,13 @@ def statistics_bytes(modules: dict, cfg: KfacConfig) -> int:
     """The float64 statistics that data-parallel factor fitting all-reduces once: every dense
     sum (d x d) and Nystrom sketch (d x (2 rank + 10)); an input side that sibling projections
     share counted once. (Incremental-SVD roots are gathered, not summed: counted as d x rank.)"""
-    total, owners = 0, set()
-    for name, module in modules.items():
-        d_out, d_in = _shape(module)
-        owner = _input_owner(name)
-        for label, d in (("A", d_in), ("G", d_out)):
-            if label == "A" and owner is not None:
-                if owner in owners:
-                    continue
-                owners.add(owner)
-            if d <= cfg.max_dense or cfg.rank >= d:
-                total += d * d * BYTES
-            else:
-                cols = 2 * cfg.rank + 10 if cfg.update == "nystrom" else cfg.rank
-                total += d * min(d, cols) * BYTES
+    total = 0
+    for _, _, d in _sides(modules):
+        if _dense(d, cfg):
+            total += d * d * BYTES
+        else:
+            cols = 2 * cfg.rank + 10 if cfg.update == "nystrom" else cfg.rank
+            total += d * min(d, cols) * BYTES
     return total
 
 
@@ -268,7 +274,7 @@ class StageMemory:
 
 
 def _kept(d: int, cfg: KfacConfig) -> int:
-    return d if d <= cfg.max_dense or cfg.rank >= d else cfg.rank
+    return d if _dense(d, cfg) else cfg.rank
 
 
 def _projections(arch: Architecture, cfg: KfacConfig) -> int:
