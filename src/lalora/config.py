@@ -273,6 +273,9 @@ class EvaluateConfig:
             raise ConfigError(f"evaluate.methods repeats a method: {list(self.methods)}")
 
 
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # launch.device (lalora.devices)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """How the heavy stages (finetune, members, fit_kfac, tune_prior, evaluate, shift) start:
@@ -293,7 +296,7 @@ class LaunchConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", self.device):
+        if not DEVICE_SPEC.match(self.device):
             raise ConfigError(f"launch.device {self.device!r}: expected auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda:") and self.nproc_per_node > 1:
             raise ConfigError(

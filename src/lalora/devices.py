@@ -14,13 +14,11 @@ tuning and the predictive read them.
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
+from lalora.config import DEVICE_SPEC
 from lalora.errors import UserError
-
-SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 class DeviceError(UserError, RuntimeError):
@@ -30,7 +28,7 @@ class DeviceError(UserError, RuntimeError):
 def resolve(spec: str = "auto") -> torch.device:
     """The device of ``spec`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``) for this process:
     ``auto`` and ``cuda`` mean ``cuda:LOCAL_RANK`` under torchrun (``cuda:0`` otherwise)."""
-    if not SPEC.match(spec):
+    if not DEVICE_SPEC.match(spec):
         raise DeviceError(f"launch.device {spec!r}: expected auto, cpu, cuda or cuda:N")
     if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
