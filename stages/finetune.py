@@ -13,7 +13,7 @@ from lalora.distributed import finish, init
 from lalora.finetune import train
 from lalora.io import atomic_write_text
 from lalora.models import answer_token_ids, attach_lora, load_base_model, load_tokenizer
-from lalora.pipeline import fingerprint, guard_memory, truncation
+from lalora.pipeline import fingerprint, guard_memory, measure
 from lalora.provenance import code_fingerprint
 
 
@@ -34,8 +34,9 @@ def main() -> None:
         raise DataError(f"{args.data}: no training examples; check data.* in params.yaml")
     device = resolve(params.launch.device)
     tok = load_tokenizer(card)
-    truncation(tok, split.examples, params.finetune.max_length, f"finetune {args.data}")
-    guard_memory(params, args.model, "finetune", tok, split.examples, len(split.answers))
+    _, longest = measure(tok, split.examples, params.finetune.max_length, f"finetune {args.data}")
+    guard_memory(params, args.model, "finetune", tok, split.examples, len(split.answers),
+                 tokens=longest)  # fmt: skip
     base = load_base_model(card, len(tok), seed=params.finetune.seed, device=device)
     model = attach_lora(base, card, seed=params.finetune.seed)
     # the run: model card, schedule, data, and the code and libraries that train it

@@ -60,8 +60,14 @@ def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: st
     """How many of ``examples`` exceed ``max_length`` tokens and are shortened, printed when
     any is: ``{"prompts": n, "of": N, "max_tokens": most tokens cut from one}``. A prompt that
     cannot be shortened enough stops here, naming it (:func:`lalora.models.shorten`)."""
+    return measure(tokenizer, examples, max_length, what)[0]
+
+
+def measure(tokenizer, examples: Sequence[Example], max_length: int, what: str) -> tuple[dict, int]:
+    """:func:`truncation`'s record, and the most tokens a prompt has once shortened (what the
+    memory estimate reads), from one tokenisation."""
     try:
-        _, removed = tokenize(
+        rows, removed = tokenize(
             tokenizer, [e.prompt for e in examples], max_length, [e.cut for e in examples],
             [e.id for e in examples],
         )  # fmt: skip
@@ -77,7 +83,7 @@ def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: st
             "'Answer:' are kept)",
             file=sys.stderr,
         )
-    return out
+    return out, max((len(r) for r in rows), default=1)
 
 
 def logits_fn(answer_ids: list[int]):
@@ -118,18 +124,20 @@ def longest_prompt(tokenizer, examples: Sequence[Example], max_length: int) -> i
 
 def guard_memory(
     params: Params, model_name: str, stage: str, tokenizer, examples: Sequence[Example],
-    n_choices: int, n_val: int = 0,
+    n_choices: int, n_val: int = 0, tokens: int | None = None,
 ) -> None:  # fmt: skip
     """Estimate ``stage``'s peak memory from the card's architecture (no weights loaded) and
-    the params, at the longest prompt of ``examples``; print it, and refuse a setting that
-    cannot fit (:func:`lalora.memory.guard`)."""
+    the params, at the longest prompt of ``examples`` (``tokens``, when the caller has it from
+    :func:`measure`); print it, and refuse a setting that cannot fit
+    (:func:`lalora.memory.guard`)."""
     from lalora.devices import resolve
     from lalora.memory import Sizes, architecture, guard, stage_memory
     from lalora.models import model_config
 
     card = params.card(model_name)
     arch = architecture(model_config(card, len(tokenizer)), card)
-    tokens = longest_prompt(tokenizer, examples, params.finetune.max_length)
+    if tokens is None:
+        tokens = longest_prompt(tokenizer, examples, params.finetune.max_length)
     memory = stage_memory(stage, arch, card, Sizes.of(params), n_choices, n_val, tokens)
     launch = params.launch
     guard(memory, resolve(launch.device), launch.memory_gb, launch.nproc_per_node)
@@ -153,10 +161,10 @@ def load_split_run(
     card = params.card(model_name)
     examples = list(split.examples)
     tok = loaded[0] if loaded is not None else load_tokenizer(card)
-    cut = truncation(tok, examples, params.finetune.max_length, str(split_path))
+    cut, longest = measure(tok, examples, params.finetune.max_length, str(split_path))
     if stage is not None:
         n_val = len(examples) if stage == "tune_prior" else 0
-        guard_memory(params, model_name, stage, tok, examples, len(split.answers), n_val)
+        guard_memory(params, model_name, stage, tok, examples, len(split.answers), n_val, longest)
     if loaded is None:
         base = load_base_model(card, len(tok), device=resolve(params.launch.device))
         model = load_adapter(base, adapter_dir)
