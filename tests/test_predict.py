@@ -97,6 +97,7 @@ def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():
     assert Path(args["adapter"]) == at.adapter(7) and Path(args["kfac"]) == at.kfac(7)
     assert Path(args["prior"]) == at.prior(7) and Path(args["out"]) == at.metrics(7)
     assert Path(args["predictions"]) == at.predictions(7)
+    assert Path(args["data"]) == at.split("test")
     fit = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages["fit_kfac"]["cmd"])
     assert Path(dict(re.findall(r"--(\w+) (\S+)", fit))["out"]) == at.kfac(7)
 

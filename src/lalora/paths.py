@@ -53,6 +53,10 @@ class Layout:
     def models(self) -> Path:
         return self.root / "models" / self.model / self.dataset
 
+    def split(self, name: str) -> Path:
+        """The dataset's prepared ``train``, ``val`` or ``test`` split."""
+        return self.root / "data" / self.dataset / f"{name}.jsonl"
+
     def checkpoints(self) -> Path:
         return self.models / "checkpoints"
 

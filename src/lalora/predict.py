@@ -123,11 +123,12 @@ def load(
 ) -> Predictor:  # fmt: skip
     """The :class:`Predictor` of checkpoint ``step`` (default: the final one) of ``model``
     fine-tuned on ``dataset``, from the study's artifacts under ``root``."""
-    from lalora.data import answers_of
+    from lalora.data import answers_of, read_split
     from lalora.devices import resolve
     from lalora.evaluation import LAPLACE_METHODS, configured_method, posteriors
     from lalora.io import read_json
     from lalora.laplace.tuning import TunedPriors
+    from lalora.models import answer_token_ids
     from lalora.pipeline import load_adapted
 
     params = params if isinstance(params, Params) else load_params(Path(root) / params)
@@ -146,12 +147,12 @@ def load(
     T = prior.get("temperature")
     tuned = TunedPriors(posts, configured_method(prior["method"]),
                         None if T is None else (T["T"], T["at_edge"]))  # fmt: skip
+    train = _need(layout.split("train"), f"prepare@{dataset}")
     tok, net = load_adapted(params.card(model), adapter, device=resolve(params.launch.device))
     cfg = params.dataset(dataset)
     answers = answers_of(cfg)
-    from lalora.models import answer_token_ids
-
-    ids = answer_token_ids(tok, answers)
+    # the answer tokens the model was trained on: those that continue the training prompts
+    ids = answer_token_ids(tok, answers, [e.prompt for e in read_split(train).examples])
     laplace = LaplaceLoRA(net, tok, ids, tuned, params.predictive, params.evaluate.batch_size,
                           params.finetune.max_length)  # fmt: skip
     return Predictor(laplace, cfg, answers, step)
