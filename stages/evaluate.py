@@ -7,14 +7,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
-from lalora.metrics import check_finite
 
 
 def main() -> None:
@@ -36,17 +33,7 @@ def main() -> None:
     ev = evaluate_split(params, args.model, args.adapter, args.kfac, args.prior, args.data, dist)
     if not dist.main:
         return finish(dist)
-    prior = ev.prior
-    result = {"model": args.model, "dataset": args.dataset, "step": args.step}
-    result |= ev.scores(params.evaluate.ece_bins)
-    result["prior_precision"] = prior["prior_precision"]
-    result["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
-    result["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
-    result["laplace_method"] = ev.laplace  # the configured posterior's key: la or la_val
-    result["mean_logit_variance"] = float(torch.diagonal(ev.cov, dim1=1, dim2=2).mean())
-    result["methods"] = sorted(ev.probs)
-    result["info"] = ev.info
-    check_finite(result, f"evaluate {args.model} {args.dataset} step {args.step}")
+    result = ev.record(args.model, args.dataset, args.step, params.evaluate.ece_bins)
     save_predictions(args.predictions, ev.probs, ev.labels, ev.ids, {"step": args.step, **ev.info})
     atomic_write_json(args.out, result)
     print(

@@ -262,8 +262,8 @@ def test_each_stage_loads_the_base_model_once(study_dir, monkeypatch):
     assert count.loads == 2
     evaluate(monkeypatch)
     assert count.loads == 3
-    stage("shift.py", ["--model", "tiny-a", "--dataset", "generated", "--out", "shift.json",
-                       "--predictions", "shift"], monkeypatch)  # fmt: skip
+    args = ["--model", "tiny-a", "--dataset", "generated", "--root", "."]
+    stage("shift.py", [*args, "--out", "shift.json", "--predictions", "shift"], monkeypatch)
     assert count.loads == 4  # one for the target; the checkpoint is step 2
 
     result = json.loads(AT.metrics(2).read_text())

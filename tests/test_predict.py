@@ -87,19 +87,56 @@ def test_a_missing_artifact_names_the_stage_that_makes_it(study):
 
 
 def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():
+    """Every path a stage's command line names is the Layout's, so the stages that read through
+    the Layout (shift, aggregate, predict) read what the others wrote."""
     import yaml
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     item = {"model": "m", "dataset": "d", "step": 7}
-    cmd = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages["evaluate"]["cmd"])
-    args = dict(re.findall(r"--(\w+) (\S+)", cmd))
+
+    def args(name: str) -> dict[str, Path]:
+        cmd = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages[name]["cmd"])
+        return {k: Path(v) for k, v in re.findall(r"--([\w-]+) (\S+)", cmd)}
+
     at = Layout("m", "d")
-    assert Path(args["adapter"]) == at.adapter(7) and Path(args["kfac"]) == at.kfac(7)
-    assert Path(args["prior"]) == at.prior(7) and Path(args["out"]) == at.metrics(7)
-    assert Path(args["predictions"]) == at.predictions(7)
-    assert Path(args["data"]) == at.split("test")
-    fit = re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), stages["fit_kfac"]["cmd"])
-    assert Path(dict(re.findall(r"--(\w+) (\S+)", fit))["out"]) == at.kfac(7)
+    assert args("finetune") == {
+        "model": Path("m"), "data": at.split("train"), "out": at.checkpoints(),
+        "loss-csv": at.train_loss(),
+    }  # fmt: skip
+    assert args("members") | {"model": None} == {
+        "model": None, "train": at.split("train"), "test": at.split("test"),
+        "out": at.members(), "predictions": at.member_predictions(),
+    }  # fmt: skip
+    assert args("export")["out"] == at.adapter(7)
+    assert args("export")["checkpoints"] == at.checkpoints()
+    assert args("fit_kfac")["out"] == at.kfac(7) and args("fit_kfac")["adapter"] == at.adapter(7)
+    assert args("fit_kfac")["data"] == at.split("train")
+    tune = args("tune_prior")
+    assert (tune["kfac"], tune["adapter"], tune["init"]) == (
+        at.kfac(7),
+        at.adapter(7),
+        at.adapter(0),
+    )
+    assert (tune["val"], tune["out"]) == (at.split("val"), at.prior(7))
+    ev = args("evaluate")
+    assert (ev["adapter"], ev["kfac"], ev["prior"]) == (at.adapter(7), at.kfac(7), at.prior(7))
+    assert (ev["data"], ev["out"], ev["predictions"]) == (
+        at.split("test"),
+        at.metrics(7),
+        at.predictions(7),
+    )
+    shift = args("shift")
+    assert (shift["root"], shift["out"]) == (at.root, at.shift_metrics())
+    assert shift["predictions"] == at.shift_predictions()
+    assert args("aggregate")["root"] == at.root
+    for name in ("shift", "aggregate"):  # read through the Layout: they depend on its folders
+        deps = {Path(re.sub(r"\$\{item\.(\w+)\}", lambda g: str(item[g[1]]), d))
+                for d in stages[name]["deps"] if isinstance(d, str)}  # fmt: skip
+        for folder in {"shift": [at.models / "adapters", at.models / "kfac", at.models / "prior",
+                                 Path("data")],
+                       "aggregate": [Path("metrics/checkpoints"), Path("metrics/shift"),
+                                     Path("predictions")]}[name]:  # fmt: skip
+            assert folder in deps, (name, folder)
 
 
 def _readme_snippet() -> str:

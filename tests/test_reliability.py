@@ -184,15 +184,15 @@ def test_aggregate_refuses_a_nan_result_naming_the_file(tmp_path):
     params = tiny_params(tmp_path, checkpoints=[0, 2, 4])
     result = {"model": "tiny", "map": {"acc": 0.5, "nll": math.nan, "ece": 0.1}}
     for step in (0, 2, 4):
-        path = tmp_path / "res" / "tiny" / "generated" / f"step-{step}.json"
+        path = tmp_path / "metrics" / "checkpoints" / "tiny" / "generated" / f"step-{step}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**result, "step": step}))
     res = stage(
-        "aggregate", "--params", str(params), "--results", "res", "--metrics", "m", "--plots", "p",
-        "--predictions", "pred", "--shift", "sh", cwd=tmp_path,
+        "aggregate", "--params", str(params), "--root", ".", "--metrics", "m", "--plots", "p",
+        cwd=tmp_path,
     )  # fmt: skip
     assert res.returncode == 2, res.stderr
-    assert "res/tiny/generated/step-0.json: map.nll is nan" in res.stderr
+    assert "metrics/checkpoints/tiny/generated/step-0.json: map.nll is nan" in res.stderr
     assert not (tmp_path / "m" / "summary.json").exists()
 
 

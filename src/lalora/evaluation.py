@@ -28,7 +28,7 @@ from lalora.distributed import SINGLE, Dist
 from lalora.errors import ArtifactError
 from lalora.io import read_json
 from lalora.laplace import Posterior, predict_covariances, predictive_probs
-from lalora.metrics import score
+from lalora.metrics import check_finite, score
 from lalora.pipeline import load_split_run
 
 LAPLACE_METHODS = ("la", "la_val", "llla")
@@ -55,7 +55,25 @@ class Evaluation:
     cov: Tensor
 
     def scores(self, n_bins: int) -> dict[str, dict]:
+        """``{method: acc, nll, ece, brier, n, bins}`` (:func:`lalora.metrics.score`)."""
         return {m: score(p, self.labels, n_bins).to_dict() for m, p in self.probs.items()}
+
+    def record(self, model: str, dataset: str, step: int, n_bins: int) -> dict:
+        """The metrics file of the evaluate stage: every method's scores, the configured
+        prior (its precision, log Z, method, structure, mean, at_edge), the configured
+        posterior's key, its mean logit variance and the fitted quantities; checked finite."""
+        prior = self.prior
+        out: dict = {"model": model, "dataset": dataset, "step": step}
+        out |= self.scores(n_bins)
+        out["prior_precision"] = prior["prior_precision"]
+        out["log_marginal_likelihood"] = prior["log_marginal_likelihood"]
+        out["prior"] = {k: prior.get(k) for k in ("method", "structure", "mean", "at_edge")}
+        out["laplace_method"] = self.laplace  # the configured posterior's key: la or la_val
+        out["mean_logit_variance"] = float(torch.diagonal(self.cov, dim1=1, dim2=2).mean())
+        out["methods"] = sorted(self.probs)
+        out["info"] = self.info
+        check_finite(out, f"evaluate {model} {dataset} step {step}")
+        return out
 
 
 def posteriors(kfac: Path, prior_path: Path, prior: dict, methods: tuple[str, ...]) -> dict:

@@ -364,12 +364,6 @@ def _sum_gradients(params: list[nn.Parameter], d: Dist) -> None:
         offset += g.numel()
 
 
-def _adapter_state(model: nn.Module, adapter: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(model, adapter)
-
-
 def _step(
     model: nn.Module,
     tokenizer,
@@ -400,6 +394,54 @@ def _step(
     return nn.functional.cross_entropy(logits, part.labels, reduction="sum") / len(idx)
 
 
+def _resume(model, opt, sched, out: Path, fingerprint: str, aside: Path | None, seed: int, d: Dist):
+    """The step to start from and the losses so far: the last intact checkpoint of this run in
+    ``out`` (its weights, optimizer, schedule and RNG state restored), else step 0 (saved)."""
+    from peft import set_peft_model_state_dict
+
+    # rank 0 inspects (and tidies) the folder; the others take its answer
+    start = all_gather_objects(latest_checkpoint(out, fingerprint, aside) if d.main else None, d)[0]
+    if start is None:
+        torch.manual_seed(seed)
+        if d.main:
+            save_checkpoint(out, 0, model, opt, sched, fingerprint, [])
+        barrier(d)
+        return 0, []
+    meta, tensors, adapter = read_checkpoint(checkpoint_dir(out, start))
+    set_peft_model_state_dict(model, adapter)
+    _load_optimizer(opt, tensors, meta["optimizer"])
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return start, [(int(s), float(v)) for s, v in meta["losses"]]
+
+
+def _checked_update(model, opt, sched, loss: torch.Tensor, params: list, step: int, saved: int,
+                    lr: float, d: Dist) -> float:  # fmt: skip
+    """One AdamW update from this rank's ``loss`` (gradients summed over the ranks); returns the
+    global loss. A non-finite loss (before the update) or weight (after it) raises
+    NonFiniteError naming the (0-based) ``step`` and the last checkpoint ``saved``."""
+    total = all_reduce_(loss.detach().double().reshape(1), d)[0]
+    if not torch.isfinite(total):
+        raise NonFiniteError(
+            f"finetune: the loss is {float(total)} at step {step + 1} (lr {lr:g}); "
+            f"the run diverged, the last checkpoint saved is step {saved}. Lower "
+            "finetune.lr."
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    _sum_gradients(params, d)
+    opt.step()
+    sched.step()
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()]
+    if bad:
+        raise NonFiniteError(
+            f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after "
+            f"step {step + 1} (lr {lr:g}); the last checkpoint saved is step {saved}. "
+            "Lower finetune.lr."
+        )
+    return float(total)
+
+
 def train(
     model: nn.Module,
     tokenizer,
@@ -415,12 +457,21 @@ def train(
 ) -> TrainResult:
     """Fine-tune the LoRA weights of ``model`` (a PEFT model), checkpointing into ``out``.
 
-    Resumes from the last checkpoint in ``out`` written by a run with the same ``fingerprint``.
-    ``on_step(step)`` is called after each completed step (tests use it to interrupt a run).
-    ``dist``: the process group's rank and size (default: the running one, see
-    :mod:`lalora.distributed`); each rank must get at least one row of every batch.
-    ``aside``: where runs of another fingerprint and rejected checkpoints are moved (default:
-    ``out``'s folder; it must lie outside any DVC output that ``out`` is part of).
+    Args:
+        model: a PEFT model whose trainable parameters are the LoRA weights.
+        examples, answer_ids: the training prompts and the C answer tokens' ids.
+        cfg: the schedule (steps, batch size, lr, checkpoint interval, seed).
+        out: the checkpoint folder; resumed from its last checkpoint written by a run with the
+            same ``fingerprint``.
+        on_step: called with the step number after each completed step (tests use it to
+            interrupt a run).
+        dist: the process group (default: the running one, :mod:`lalora.distributed`); each
+            rank must get at least one row of every batch.
+        aside: where runs of another fingerprint and rejected checkpoints are moved (default:
+            ``out``'s folder; it must lie outside any DVC output that ``out`` is part of).
+
+    Returns:
+        The losses of every step and the checkpoint folders of ``cfg.checkpoints``.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -433,58 +484,17 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    losses: list[tuple[int, float]] = []
-    # rank 0 inspects (and tidies) the folder; the others take its answer
-    start = all_gather_objects(latest_checkpoint(out, fingerprint, aside) if d.main else None, d)[0]
-    if start is None:
-        torch.manual_seed(cfg.seed)
-        if d.main:
-            save_checkpoint(out, 0, model, opt, sched, fingerprint, losses)
-        barrier(d)
-        start = 0
-    else:
-        meta, tensors, adapter = read_checkpoint(checkpoint_dir(out, start))
-        _adapter_state(model, adapter)
-        _load_optimizer(opt, tensors, meta["optimizer"])
-        sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        losses = [(int(s), float(v)) for s, v in meta["losses"]]
-
+    start, losses = _resume(model, opt, sched, out, fingerprint, aside, cfg.seed, d)
     saved = start
     model.train()
-    bar = tqdm(
-        range(start, cfg.steps),
-        desc="finetune",
-        disable=not progress or not d.main,
-        initial=start,
-        total=cfg.steps,
-    )
-    lo, hi = bounds(cfg.batch_size, d)
+    bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress or not d.main,
+               initial=start, total=cfg.steps)  # fmt: skip
+    rows = bounds(cfg.batch_size, d)
     with keyed_dropout(model) as dropouts:
         for step in bar:
-            loss = _step(model, tokenizer, examples, answer_ids, cfg, step, (lo, hi), dropouts)
-            total = all_reduce_(loss.detach().double().reshape(1), d)[0]
-            if not torch.isfinite(total):
-                raise NonFiniteError(
-                    f"finetune: the loss is {float(total)} at step {step + 1} (lr {cfg.lr:g}); "
-                    f"the run diverged, the last checkpoint saved is step {saved}. Lower "
-                    "finetune.lr."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _sum_gradients(params, d)
-            opt.step()
-            sched.step()
-            bad = [
-                n for n, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()
-            ]
-            if bad:
-                raise NonFiniteError(
-                    f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after "
-                    f"step {step + 1} (lr {cfg.lr:g}); the last checkpoint saved is step {saved}. "
-                    "Lower finetune.lr."
-                )
-            losses.append((step + 1, float(total)))
+            loss = _step(model, tokenizer, examples, answer_ids, cfg, step, rows, dropouts)
+            losses.append((step + 1, _checked_update(model, opt, sched, loss, params, step, saved,
+                                                     cfg.lr, d)))  # fmt: skip
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
             if (step + 1) % cfg.save_every == 0:
                 if d.main:

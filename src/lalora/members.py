@@ -8,18 +8,16 @@ predictions, is formed from saved predictions (:func:`lalora.comparison.compare`
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
 
 from lalora.config import Params
 from lalora.data import DataError, read_split
-from lalora.devices import resolve
 from lalora.distributed import SINGLE, Dist, map_batches
-from lalora.finetune import train
-from lalora.models import answer_token_ids, attach_lora, load_base_model, load_tokenizer
-from lalora.pipeline import batches, fingerprint, guard_memory, map_probs
+from lalora.models import answer_token_ids
+from lalora.pipeline import batches, map_probs
+from lalora.recipe import finetune
 
 
 def train_member(
@@ -42,32 +40,17 @@ def train_member(
     import torch
 
     d = dist or SINGLE
-    cfg = replace(params.finetune, seed=seed)
-    card = params.card(model_name)
-    split, test = read_split(train_path), read_split(test_path)
-    for path, s in ((train_path, split), (test_path, test)):
-        if not s.examples:
-            raise DataError(f"{path}: no examples; check data.* in params.yaml")
-    device = resolve(params.launch.device)
-    tok = load_tokenizer(card)
-    guard_memory(params, model_name, "members", tok, split.examples, len(split.answers))
-    base = load_base_model(card, len(tok), seed=seed, device=device)
-    model = attach_lora(base, card, seed=seed)
-    train(
-        model,
-        tok,
-        list(split.examples),
-        answer_token_ids(tok, split.answers, [e.prompt for e in split.examples]),
-        cfg,
-        out,
-        fingerprint(card, cfg, train_path, code),
-        progress=d.main,
-        dist=d,
-        aside=out.parent.with_name(f"{out.parent.name}.stale"),
-    )
+    test = read_split(test_path)
+    if not test.examples:
+        raise DataError(f"{test_path}: no examples; check data.* in params.yaml")
+    aside = out.parent.with_name(f"{out.parent.name}.stale")
+    run = finetune(params, model_name, train_path, out, code, seed, "members", d, aside)
+    model, tok = run.model, run.tokenizer
     model.eval()
     examples = list(test.examples)
-    test_batches = list(batches(tok, examples, params.evaluate.batch_size, cfg.max_length, device))
+    device = next(model.parameters()).device
+    size, max_length = params.evaluate.batch_size, params.finetune.max_length
+    test_batches = list(batches(tok, examples, size, max_length, device))
     ids = answer_token_ids(tok, test.answers, [e.prompt for e in examples])
     probs = map_batches(lambda _, b: map_probs(model, [b], ids), test_batches, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)

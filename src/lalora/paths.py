@@ -76,3 +76,25 @@ class Layout:
 
     def predictions(self, step: int) -> Path:
         return self.root / "predictions" / self.model / self.dataset / f"step-{step}.safetensors"
+
+    def train_loss(self) -> Path:
+        """The fine-tuning loss curve (csv)."""
+        return self.root / "plots" / "train_loss" / self.model / f"{self.dataset}.csv"
+
+    def members(self) -> Path:
+        """The deep ensemble's extra fine-tuning runs (their checkpoints)."""
+        return self.models / "members"
+
+    def member_predictions(self) -> Path:
+        """The folder of the members' test predictions: ``members.json`` and
+        ``seed-<s>.safetensors``."""
+        return self.root / "predictions" / "members" / self.model / self.dataset
+
+    def shift_metrics(self) -> Path:
+        """``{target: metrics}`` of the final checkpoint on the shifted test sets."""
+        return self.root / "metrics" / "shift" / self.model / f"{self.dataset}.json"
+
+    def shift_predictions(self) -> Path:
+        """The folder of the shifted targets' predictions: ``targets.json`` and
+        ``<target>.safetensors``."""
+        return self.root / "predictions" / "shift" / self.model / self.dataset

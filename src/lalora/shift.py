@@ -1,0 +1,97 @@
+"""Distribution shift: one fine-tuned checkpoint scored on the test splits of other datasets.
+
+``shift.<dataset>`` lists the targets of a training dataset (e.g. OpenBookQA -> ARC-C and ARC-E).
+The final checkpoint's adapter, factors and prior are read through :class:`lalora.paths.Layout`;
+a target the study trains on has its prepared test split there, and a target it does not train on
+(not in ``datasets``, so without a prepare stage) has its test split prepared here, as
+``prepare`` would (same data config, seed and prompt). The model is loaded once for all targets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lalora.config import ConfigError, Params
+from lalora.data import answers_of, load_splits, read_split, write_split
+from lalora.devices import resolve
+from lalora.distributed import SINGLE, Dist
+from lalora.evaluation import Evaluation, evaluate_split
+from lalora.metrics import check_finite
+from lalora.models import load_tokenizer
+from lalora.paths import Layout
+from lalora.pipeline import guard_memory, load_adapted
+
+
+@dataclass(frozen=True)
+class Shifted:
+    """One target's evaluation (``evaluation``) and its metrics record (``metrics``: the final
+    step, every method's scores, the configured posterior's key and the fitted quantities)."""
+
+    target: str
+    metrics: dict
+    evaluation: Evaluation
+
+
+def target_split(params: Params, target: str, root: Path, scratch: Path) -> Path:
+    """The prepared test split of ``target``: the study's own when it prepares it (under
+    ``root``), else one prepared into ``scratch``."""
+    if target in params.datasets:
+        return Layout("", target, root).split("test")
+    cfg = params.dataset(target)
+    _, test = load_splits(cfg)
+    path = scratch / target / "test.jsonl"
+    write_split(path, test, answers_of(cfg))
+    print(f"prepared the test split of {target} ({len(test)} prompts; not in datasets)")
+    return path
+
+
+def check_answers(params: Params, source: str, target: str) -> None:
+    """A shifted test set must answer with the source's answers (same tokens, same order)."""
+    have, want = answers_of(params.dataset(target)), answers_of(params.dataset(source))
+    if have != want:
+        raise ConfigError(
+            f"shift.{source}: {target} answers {have}, {source} answers {want}: a shifted test "
+            "set needs the same answers"
+        )
+
+
+def score_targets(params: Params, layout: Layout, dist: Dist = SINGLE) -> Iterator[Shifted]:
+    """Each target of ``shift.<layout.dataset>`` scored with every method at the final
+    checkpoint of ``layout``, in the configured order (nothing when none is listed). With
+    ``dist`` every process takes part and the main process gets the results."""
+    step = params.checkpoints[-1]
+    adapter = layout.adapter(step)
+    loaded = None  # (tokenizer, model), loaded once for every target
+    scratch = Path(tempfile.mkdtemp(prefix="lalora-shift-"))
+    try:
+        for target in params.shifted(layout.dataset):
+            check_answers(params, layout.dataset, target)
+            test = target_split(params, target, layout.root, scratch)
+            if loaded is None:
+                card = params.card(layout.model)
+                n_choices = len(answers_of(params.dataset(layout.dataset)))
+                examples = read_split(test).examples
+                guard_memory(
+                    params, layout.model, "shift", load_tokenizer(card), examples, n_choices
+                )
+                loaded = load_adapted(card, adapter, device=resolve(params.launch.device))
+            ev = evaluate_split(
+                params, layout.model, adapter, layout.kfac(step), layout.prior(step), test,
+                dist=dist, loaded=loaded,
+            )  # fmt: skip
+            if not dist.main:
+                continue
+            metrics = {
+                "step": step,
+                **ev.scores(params.evaluate.ece_bins),
+                "laplace_method": ev.laplace,
+                "info": ev.info,
+            }
+            check_finite(metrics, f"shift {layout.model} {layout.dataset} -> {target}")
+            yield Shifted(target, metrics, ev)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
