@@ -30,6 +30,7 @@ All passes share one forward; the factors are accumulated in float64.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -98,6 +99,118 @@ def _mask(batch: Any) -> Tensor | None:
     return getattr(batch, "attention_mask", None)
 
 
+@dataclass
+class Statistics:
+    """What one pass over the data accumulates for the factors of ``modules``: an input-side
+    accumulator per distinct input (a module reading another's input shares its factor,
+    ``shared``), an output-gradient accumulator per module, the rows per input and, per datum,
+    the log-likelihood, the top-class confidence and tr(diag p - p p^T). Accumulators live on
+    ``device`` in float64 (:func:`lalora.devices.statistics_device`); side ``i`` of module ``m``
+    (0 input, 1 output gradient) draws its sketch from ``seed + 2 m + i``."""
+
+    modules: dict[str, nn.Linear]
+    rank: int
+    max_dense: int
+    update: str
+    seed: int
+    device: torch.device
+    padded: bool  # the padding rows' activations are summed and counted
+    a_acc: dict = field(default_factory=dict)
+    g_acc: dict = field(default_factory=dict)
+    n_rows: dict = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)  # module -> whose input it reads
+    mask: Tensor | None = None  # the current batch's attention mask (B, T)
+    n_data: int = 0
+    log_lik: float = 0.0
+    confidence: float = 0.0
+    trace: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.n_rows = dict.fromkeys(self.modules, 0)
+        for i, (name, mod) in enumerate(self.modules.items()):
+            self.g_acc[name] = self._accumulator(mod.weight.shape[0], 2 * i + 1)
+
+    def _accumulator(self, size: int, side: int):
+        return make_accumulator(size, self.rank, self.max_dense, self.update,
+                                seed=self.seed + side, device=self.device)  # fmt: skip
+
+    def on_input(self, name: str, a: Tensor, source: str) -> None:
+        """Module ``name``'s input a (B, T, d_in), padding zeroed, first read by ``source``."""
+        if self.shared.get(name, name) != source and (name in self.shared or name in self.a_acc):
+            raise RuntimeError(f"module {name} changed which module's input it shares")
+        if source != name:  # the same activations as an earlier module: one factor
+            self.shared[name] = source
+            return
+        if name not in self.a_acc:
+            i = list(self.modules).index(name)
+            self.a_acc[name] = self._accumulator(self.modules[name].weight.shape[1], 2 * i)
+        mask = self.mask
+        counted = mask is not None and mask.shape[1] == a.shape[1] and not self.padded
+        self.n_rows[name] += int(mask.sum()) if counted else a.shape[0] * a.shape[1]
+        self.a_acc[name].update(a.reshape(-1, a.shape[-1]))
+
+    def on_grad(self, name: str, a: Tensor, g: Tensor) -> None:
+        """Module ``name``'s output gradient g (B, T, d_out) for one Fisher root column."""
+        self.g_acc[name].update(g.reshape(-1, g.shape[-1]))
+
+    def on_logits(self, logits: Tensor, labels: Tensor) -> None:
+        """A batch's answer logits (B, C) and labels (B,)."""
+        logp = torch.log_softmax(logits.detach().double(), -1)  # (B, C)
+        self.log_lik += float(logp.gather(1, labels[:, None]).sum())
+        self.confidence += float(logp.exp().amax(-1).sum())
+        self.trace += float((1 - logp.exp().pow(2).sum(-1)).sum())  # tr(diag p - p p^T)
+        self.n_data += logits.shape[0]
+
+    def reduce(self, d: Dist) -> None:
+        """Sum every statistic over the ranks (the same modules, in the same order, on all)."""
+        if not d.active:
+            return
+        for name in self.modules:
+            if name in self.a_acc:
+                self.a_acc[name].reduce(d)
+            self.g_acc[name].reduce(d)
+        counts = [self.n_rows[n] for n in self.modules] + [self.n_data]
+        counts = all_reduce_(torch.tensor(counts, dtype=torch.float64), d)
+        self.n_rows = {n: int(c) for n, c in zip(self.modules, counts[:-1].tolist(), strict=True)}
+        self.n_data = int(counts[-1])
+        self.log_lik = all_reduce_sum(self.log_lik, d)
+        self.confidence = all_reduce_sum(self.confidence, d)
+        self.trace = all_reduce_sum(self.trace, d)
+
+    def finalize(self, fisher: Fisher, normalisation: Normalisation) -> Posterior:
+        """The posterior's factors in host memory: A_m divided by its rows (``rows``) or by
+        the number of data (otherwise), a zero factor for an input the data never reached."""
+        by_rows = normalisation is Normalisation.ROWS
+        a_factors = {
+            n: _host(acc.finalize(1.0 / max(self.n_rows[n] if by_rows else self.n_data, 1)))
+            for n, acc in self.a_acc.items()
+        }
+        factors = {}
+        for name, mod in self.modules.items():
+            source = self.shared.get(name, name)
+            if source not in a_factors:  # never reached by the data: a zero factor
+                d_in = mod.weight.shape[1]
+                a_factors[source] = make_accumulator(
+                    d_in, self.rank, self.max_dense, self.update
+                ).finalize()
+            a = a_factors[source]  # one object for modules sharing an input
+            g = _host(self.g_acc[name].finalize(1.0))
+            for side, f in (("input", a), ("output-gradient", g)):
+                if not (torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()):
+                    raise NonFiniteError(f"non-finite {side} factor in module {name}")
+            theta_sq = float(mod.weight.detach().double().pow(2).sum())
+            factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=self.n_rows[source])
+        return Posterior(
+            modules=factors,
+            n_data=self.n_data,
+            fisher=fisher.value,
+            log_likelihood=self.log_lik,
+            normalisation=normalisation.value,
+            train_confidence=self.confidence / max(self.n_data, 1),
+            fisher_trace=self.trace,
+        )
+
+
 def fit_kfac(
     model: nn.Module,
     batches: Iterable[Any],
@@ -129,6 +242,9 @@ def fit_kfac(
         fisher: ``exact`` (C - 1 passes), ``mc`` or ``empirical`` (one pass each).
         rank, max_dense, update: sides larger than ``max_dense`` (and than ``rank``) are kept
             low-rank (rank ``rank``, by ``update``); the others dense.
+        seed: the sketches' and the MC labels' seed.
+        progress, total: a progress bar (over ``total`` batches when ``batches`` has no len).
+        dist: the process group (default: one process).
         normalisation: what divides the input factor: ``rows`` (the non-padding rows), or
             ``sequences`` / ``sequences_padded`` (the number of sequences; the latter with the
             padding rows' activations in the sum, as the paper's code has them).
@@ -137,106 +253,33 @@ def fit_kfac(
         A :class:`Posterior` without a prior (see :func:`lalora.laplace.marglik.tune_prior`).
     """
     d = dist or SINGLE
+    first = 0
     if d.active:
         batches = list(batches)
         first = bounds(len(batches), d)[0]
         batches, total = shard(batches, d), None
-    else:
-        first = 0
-    fisher = Fisher(fisher)
-    normalisation = Normalisation(normalisation)
+    fisher, normalisation = Fisher(fisher), Normalisation(normalisation)
     padded = normalisation is Normalisation.SEQUENCES_PADDED
-    update = LowRankUpdate(update).value
     device = next(iter(modules.values())).weight.device
-    where = statistics_device(device)
-    a_acc, g_acc, n_rows = {}, {}, dict.fromkeys(modules, 0)
-    index = {name: i for i, name in enumerate(modules)}
-    for name, mod in modules.items():
-        d_out = mod.weight.shape[0]
-        g_acc[name] = make_accumulator(
-            d_out, rank, max_dense, update, seed=seed + 2 * index[name] + 1, device=where
-        )
-    shared: dict[str, str] = {}  # module -> the module whose input (and input factor) it shares
+    stats = Statistics(modules, rank, max_dense, LowRankUpdate(update).value, seed,
+                       statistics_device(device), padded)  # fmt: skip
     gen = torch.Generator(device=device)
-    n_data, log_lik, confidence, trace = 0, 0.0, 0.0, 0.0
-
-    def on_input(name: str, a: Tensor, source: str) -> None:  # a (B, T, d_in), padding zeroed
-        if shared.get(name, name) != source and (name in shared or name in a_acc):
-            raise RuntimeError(f"module {name} changed which module's input it shares")
-        if source != name:  # the same activations as an earlier module: one factor
-            shared[name] = source
-            return
-        if name not in a_acc:
-            d_in = modules[name].weight.shape[1]
-            a_acc[name] = make_accumulator(
-                d_in, rank, max_dense, update, seed=seed + 2 * index[name], device=where
-            )
-        mask = tap.mask
-        rows = (
-            int(mask.sum())
-            if mask is not None and mask.shape[1] == a.shape[1] and not padded
-            else a.shape[0] * a.shape[1]
-        )
-        n_rows[name] += rows
-        a_acc[name].update(a.reshape(-1, a.shape[-1]))
-
-    def on_grad(name: str, a: Tensor, g: Tensor) -> None:  # g (B, T, d_out)
-        g_acc[name].update(g.reshape(-1, g.shape[-1]))
-
     was_training = model.training
     model.eval()
-    with lora_grad_enabled(modules), Tap(modules, on_grad, on_input, mask_inputs=not padded) as tap:
+    tap = Tap(modules, stats.on_grad, stats.on_input, mask_inputs=not padded)
+    with lora_grad_enabled(modules), tap:
         for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
-            tap.mask = _mask(batch)
+            stats.mask = tap.mask = _mask(batch)
             logits = logits_fn(model, batch)  # (B, C)
             if not torch.isfinite(logits).all():
                 raise NonFiniteError(f"non-finite logits in batch {b}")
-            logp = torch.log_softmax(logits.detach().double(), -1)  # (B, C)
-            log_lik += float(logp.gather(1, batch.labels[:, None]).sum())
-            confidence += float(logp.exp().amax(-1).sum())
-            trace += float((1 - logp.exp().pow(2).sum(-1)).sum())  # tr(diag p - p p^T)
-            n_data += logits.shape[0]
+            stats.on_logits(logits, batch.labels)
             gen.manual_seed(seed * 1_000_003 + first + b)
             roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
             output_gradients(logits, roots, tap.outputs)
     model.train(was_training)
-    if d.active:  # the same modules, in the same order, on every rank
-        for name in modules:
-            if name in a_acc:
-                a_acc[name].reduce(d)
-            g_acc[name].reduce(d)
-        counts = torch.tensor([n_rows[n] for n in modules] + [n_data], dtype=torch.float64)
-        all_reduce_(counts, d)
-        n_rows = {n: int(c) for n, c in zip(modules, counts[:-1].tolist(), strict=True)}
-        n_data = int(counts[-1])
-        log_lik = all_reduce_sum(log_lik, d)
-        confidence = all_reduce_sum(confidence, d)
-        trace = all_reduce_sum(trace, d)
-
-    factors = {}
-    count = (lambda n: n_rows[n]) if normalisation is Normalisation.ROWS else (lambda n: n_data)
-    a_factors = {n: _host(acc.finalize(1.0 / max(count(n), 1))) for n, acc in a_acc.items()}
-    for name, mod in modules.items():
-        source = shared.get(name, name)
-        if source not in a_factors:  # never reached by the data: a zero factor
-            d_in = mod.weight.shape[1]
-            a_factors[source] = make_accumulator(d_in, rank, max_dense, update).finalize()
-        a = a_factors[source]  # one object for modules sharing an input
-        g = _host(g_acc[name].finalize(1.0))
-        for side, f in (("input", a), ("output-gradient", g)):
-            if not (torch.isfinite(f.evals).all() and torch.isfinite(f.evecs).all()):
-                raise NonFiniteError(f"non-finite {side} factor in module {name}")
-        theta_sq = float(mod.weight.detach().double().pow(2).sum())
-        factors[name] = ModuleFactors(a=a, g=g, theta_sq=theta_sq, n_rows=n_rows[source])
-    return Posterior(
-        modules=factors,
-        n_data=n_data,
-        fisher=fisher.value,
-        log_likelihood=log_lik,
-        normalisation=normalisation.value,
-        train_confidence=confidence / max(n_data, 1),
-        fisher_trace=trace,
-    )
+    stats.reduce(d)
+    return stats.finalize(fisher, normalisation)
 
 
 def renormalise(post: Posterior, normalisation: Normalisation | str) -> Posterior:
