@@ -411,6 +411,18 @@ class Params:
     shift: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_names()
+        self._check_shift()
+        self._check_methods()
+        self._check_processes()
+        if list(self.checkpoints) != self.finetune.checkpoints:
+            raise ConfigError(
+                f"checkpoints {list(self.checkpoints)} must equal "
+                f"{self.finetune.checkpoints} (0 to finetune.steps every finetune.save_every)"
+            )
+
+    def _check_names(self) -> None:
+        """Models and datasets: plain, not reserved, known and not repeated."""
         if not self.models:
             raise ConfigError("models: the list is empty; name at least one model of the zoo")
         for name in self.zoo:
@@ -441,12 +453,18 @@ class Params:
             self.models
         ):
             raise ConfigError("models and datasets must not repeat a name")
+
+    def _check_shift(self) -> None:
         for source, targets in self.shift.items():
             for name in (source, *targets):
                 if name not in self.data:
                     raise ConfigError(f"shift.{source}: unknown dataset {name!r}")
             if source in targets:
                 raise ConfigError(f"shift.{source}: a dataset is not shifted from itself")
+
+    def _check_methods(self) -> None:
+        """What the prior and the evaluated methods need: a validation split, a scalar prior
+        for val_nll, LoRA dropout for MC dropout."""
         needs_val = [m for m in self.evaluate.methods if m in ("la_val", "temperature")]
         if self.prior.method == "val_nll":
             needs_val.insert(0, "prior.method val_nll")
@@ -469,12 +487,6 @@ class Params:
                         f"evaluate.methods has mc_dropout, and zoo.{name}.dropout is 0: MC "
                         "dropout needs LoRA dropout > 0; drop mc_dropout or set the dropout"
                     )
-        self._check_processes()
-        if list(self.checkpoints) != self.finetune.checkpoints:
-            raise ConfigError(
-                f"checkpoints {list(self.checkpoints)} must equal "
-                f"{self.finetune.checkpoints} (0 to finetune.steps every finetune.save_every)"
-            )
 
     def _check_processes(self) -> None:
         """Every process of a data-parallel stage needs a share of every fine-tuning batch and

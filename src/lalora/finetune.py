@@ -458,15 +458,12 @@ def train(
     """Fine-tune the LoRA weights of ``model`` (a PEFT model), checkpointing into ``out``.
 
     Args:
-        model: a PEFT model whose trainable parameters are the LoRA weights.
-        examples, answer_ids: the training prompts and the C answer tokens' ids.
-        cfg: the schedule (steps, batch size, lr, checkpoint interval, seed).
-        out: the checkpoint folder; resumed from its last checkpoint written by a run with the
-            same ``fingerprint``.
-        on_step: called with the step number after each completed step (tests use it to
-            interrupt a run).
-        dist: the process group (default: the running one, :mod:`lalora.distributed`); each
-            rank must get at least one row of every batch.
+        model, examples, answer_ids: a PEFT model (its trainable parameters the LoRA weights),
+            the training prompts and the C answer tokens' ids.
+        cfg, out: the schedule; the checkpoint folder, resumed from its last checkpoint written
+            by a run with the same ``fingerprint``.
+        on_step: called with the step number after each completed step (tests interrupt a run).
+        dist: the process group (default: the running one); each rank needs a row per batch.
         aside: where runs of another fingerprint and rejected checkpoints are moved (default:
             ``out``'s folder; it must lie outside any DVC output that ``out`` is part of).
 
@@ -476,7 +473,8 @@ def train(
     from transformers import get_linear_schedule_with_warmup
 
     d = dist or current()
-    if d.world > cfg.batch_size:
+    rows = bounds(cfg.batch_size, d) if d.world <= cfg.batch_size else None
+    if rows is None:
         raise ValueError(
             f"finetune.batch_size {cfg.batch_size} is smaller than the {d.world} processes; "
             "every process needs at least one example per step"
@@ -485,11 +483,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     start, losses = _resume(model, opt, sched, out, fingerprint, aside, cfg.seed, d)
-    saved = start
+    saved = start  # the last checkpoint written
     model.train()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress or not d.main,
                initial=start, total=cfg.steps)  # fmt: skip
-    rows = bounds(cfg.batch_size, d)
     with keyed_dropout(model) as dropouts:
         for step in bar:
             loss = _step(model, tokenizer, examples, answer_ids, cfg, step, rows, dropouts)

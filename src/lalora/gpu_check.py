@@ -92,6 +92,52 @@ def _timed(run: Run, stage: str, device: torch.device, fn):
     return out
 
 
+def _laplace(
+    run: Run, model, tok, ids: list[int], device: torch.device, splits: tuple,
+    max_length: int, dist: Dist,
+) -> dict[str, dict]:  # fmt: skip
+    """Factors on the training split, both priors (marginal likelihood; validation NLL),
+    and MAP, LA and LA (val) scored on the test split of ``splits`` (train, val, test), each
+    step timed into ``run``; returns ``{method: scores}``."""
+    from lalora.laplace.kfac import fit_kfac
+    from lalora.laplace.marglik import tune_prior
+    from lalora.laplace.predictive import (
+        jacobian_features,
+        predict_covariances,
+        predictive_probs,
+        tune_prior_nll,
+    )  # fmt: skip
+    from lalora.metrics import score
+    from lalora.models import lora_modules
+    from lalora.pipeline import batches, logits_fn
+
+    fn, dev, mods = logits_fn(ids), next(model.parameters()).device, lora_modules(model)
+    train_b, val_b, test_b = (list(batches(tok, s, 8, max_length, dev)) for s in splits)
+    post = _timed(run, "fit_kfac", device, lambda: fit_kfac(
+        model, train_b, fn, mods, rank=10, max_dense=4096, update="nystrom", dist=dist,
+    ))  # fmt: skip
+    post = post.with_delta({n: m.weight.detach().double().cpu() for n, m in mods.items()})
+    labels_val = torch.tensor([e.label for e in splits[1]])
+
+    def priors():
+        la = tune_prior(post, accept_edge=True)
+        feats = jacobian_features(model, val_b, fn, mods, post, dist=dist)
+        la_val, _ = tune_prior_nll(feats, labels_val, post, "probit")
+        return {"la": la, "la_val": la_val}
+
+    posts = _timed(run, "tune_prior", device, priors)
+
+    def evaluate():
+        mean, covs = predict_covariances(model, test_b, fn, mods, posts, dist=dist)
+        probs = {"map": torch.softmax(mean, -1)}
+        probs |= {k: predictive_probs(mean, c, "mc", 2000, 0) for k, c in covs.items()}
+        return probs
+
+    probs = _timed(run, "evaluate", device, evaluate)
+    labels = torch.tensor([e.label for e in splits[2]])
+    return {k: score(p, labels, 10).to_dict() for k, p in probs.items()}
+
+
 def study(
     name: str, card: ModelCard, tok, device: torch.device, steps: int = 50,
     dist: Dist = SINGLE, base_fn=None, data: DataConfig = DATA,
@@ -101,18 +147,8 @@ def study(
     loads the base model instead of :func:`lalora.models.load_base_model` (the nf4 run)."""
     from lalora.data import load_splits, split_validation
     from lalora.finetune import train
-    from lalora.laplace.kfac import fit_kfac
-    from lalora.laplace.marglik import tune_prior
-    from lalora.laplace.predictive import (
-        jacobian_features,
-        predict_covariances,
-        predictive_probs,
-        tune_prior_nll,
-    )  # fmt: skip
     from lalora.memory import GB, Sizes, architecture, stage_memory
-    from lalora.metrics import score
-    from lalora.models import answer_token_ids, attach_lora, load_base_model, lora_modules
-    from lalora.pipeline import batches, logits_fn
+    from lalora.models import answer_token_ids, attach_lora, load_base_model
 
     run = Run(name)
     train_all, test = load_splits(data)
@@ -121,7 +157,6 @@ def study(
     sizes = Sizes(finetune=ft, kfac=KfacConfig(batch_size=8), evaluate=EvaluateConfig(batch_size=8))
     answers = (" A", " B")
     ids = answer_token_ids(tok, answers, [e.prompt for e in train_ex + val + test])
-    fn = logits_fn(ids)
 
     def load():
         if base_fn is not None:
@@ -140,34 +175,7 @@ def study(
             dist=dist,
         ))  # fmt: skip
     model.eval()
-    dev = next(model.parameters()).device
-    mods = lora_modules(model)
-    train_b = list(batches(tok, train_ex, 8, ft.max_length, dev))
-    val_b = list(batches(tok, val, 8, ft.max_length, dev))
-    test_b = list(batches(tok, test, 8, ft.max_length, dev))
-    post = _timed(run, "fit_kfac", device, lambda: fit_kfac(
-        model, train_b, fn, mods, rank=10, max_dense=4096, update="nystrom", dist=dist,
-    ))  # fmt: skip
-    post = post.with_delta({n: m.weight.detach().double().cpu() for n, m in mods.items()})
-    labels_val = torch.tensor([e.label for e in val])
-
-    def priors():
-        la = tune_prior(post, accept_edge=True)
-        feats = jacobian_features(model, val_b, fn, mods, post, dist=dist)
-        la_val, _ = tune_prior_nll(feats, labels_val, post, "probit")
-        return {"la": la, "la_val": la_val}
-
-    posts = _timed(run, "tune_prior", device, priors)
-
-    def evaluate():
-        mean, covs = predict_covariances(model, test_b, fn, mods, posts, dist=dist)
-        probs = {"map": torch.softmax(mean, -1)}
-        probs |= {k: predictive_probs(mean, c, "mc", 2000, 0) for k, c in covs.items()}
-        return probs
-
-    probs = _timed(run, "evaluate", device, evaluate)
-    labels = torch.tensor([e.label for e in test])
-    run.metrics = {k: score(p, labels, 10).to_dict() for k, p in probs.items()}
+    run.metrics = _laplace(run, model, tok, ids, device, (train_ex, val, test), ft.max_length, dist)
     return run
 
 

@@ -102,6 +102,43 @@ def contrast_hessian_root(logits: Tensor) -> Tensor:
     return evecs * evals.clamp(min=0).sqrt()[:, None, :]
 
 
+def _test_grams(
+    model: nn.Module, test: Sequence[Any], logits_fn: LogitsFn, modules: dict[str, nn.Linear],
+    J: dict[str, Tensor], progress: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The test logits (M, C), the cross Grams J_test,g J_g^T (G, M K, N K) and the self Grams
+    J_test,g J_test,g^T per test datum (G, M, K, K), float64, from the training Jacobians J
+    (NK, P_g) by module."""
+    names = tuple(modules)
+    means, cross, selfs = [], {n: [] for n in names}, {n: [] for n in names}
+    for mean, jac in contrast_jacobians(model, test, logits_fn, modules, progress, len(test)):
+        means.append(mean)
+        for n in names:
+            Jt = jac[n].double().flatten(2)  # (B, K, P_g)
+            cross[n].append(Jt.flatten(0, 1) @ J[n].T)  # (B K, NK)
+            selfs[n].append(Jt @ Jt.transpose(1, 2))  # (B, K, K)
+    return (
+        torch.cat(means),
+        torch.stack([torch.cat(cross[n]) for n in names]),
+        torch.stack([torch.cat(selfs[n]) for n in names]),
+    )
+
+
+def _centred(
+    modules: dict[str, nn.Linear], J: dict[str, Tensor], mean: dict[str, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """||theta_g - mu_g||^2 per module (G,) and J_g (theta_g - mu_g) (G, NK); ``mean`` None is
+    the zero mean."""
+    sq, sh = [], []
+    for n, mod in modules.items():
+        w = mod.weight.detach().double()
+        if mean is not None:
+            w = w - mean[n].double()
+        sq.append(float(w.pow(2).sum()))
+        sh.append(J[n] @ w.flatten())  # (NK,)
+    return torch.tensor(sq, dtype=torch.float64), torch.stack(sh)
+
+
 def dual_ggn(
     model: nn.Module,
     train: Sequence[Any],
@@ -133,24 +170,10 @@ def dual_ggn(
     logits = torch.cat(logits_train)  # (N, C)
     labels = torch.cat([b.labels for b in train])
     log_lik = float(torch.log_softmax(logits, -1).gather(1, labels[:, None]).sum())
-
-    means, cross, selfs = [], {n: [] for n in names}, {n: [] for n in names}
-    for mean, jac in contrast_jacobians(model, test, logits_fn, modules, progress, len(test)):
-        means.append(mean)
-        for n in names:
-            Jt = jac[n].double().flatten(2)  # (B, K, P_g)
-            cross[n].append(Jt.flatten(0, 1) @ J[n].T)  # (B K, NK)
-            selfs[n].append(Jt @ Jt.transpose(1, 2))  # (B, K, K)
+    test_mean, test_cross, test_self = _test_grams(model, test, logits_fn, modules, J, progress)
 
     def centred(mean: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        sq, sh = [], []
-        for n, mod in modules.items():
-            w = mod.weight.detach().double()
-            if mean is not None:
-                w = w - mean[n].double()
-            sq.append(float(w.pow(2).sum()))
-            sh.append(J[n] @ w.flatten())  # (NK,)
-        return torch.tensor(sq, dtype=torch.float64), torch.stack(sh)
+        return _centred(modules, J, mean)
 
     theta_sq, shift = centred(prior_mean)
     others = {k: centred(v) for k, v in (other_means or {}).items()}
@@ -161,9 +184,9 @@ def dual_ggn(
         log_likelihood=log_lik,
         root=contrast_hessian_root(logits),
         gram=gram,
-        test_mean=torch.cat(means),
-        test_cross=torch.stack([torch.cat(cross[n]) for n in names]),
-        test_self=torch.stack([torch.cat(selfs[n]) for n in names]),
+        test_mean=test_mean,
+        test_cross=test_cross,
+        test_self=test_self,
         shift=shift,
         train_mean=logits,
         labels=labels,

@@ -211,6 +211,31 @@ class Statistics:
         )
 
 
+def _accumulate(
+    model: nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, stats: Statistics,
+    fisher: Fisher, seed: int, first: int, progress: bool, total: int | None,
+) -> None:  # fmt: skip
+    """One pass over ``batches`` (this rank's, the first of which is batch ``first`` of all) in
+    eval mode: one forward and the backward passes of the Fisher's roots per batch into
+    ``stats``; the MC labels of batch b are drawn with seed ``seed * 1000003 + first + b``."""
+    device = next(iter(stats.modules.values())).weight.device
+    gen = torch.Generator(device=device)
+    was_training = model.training
+    model.eval()
+    tap = Tap(stats.modules, stats.on_grad, stats.on_input, mask_inputs=not stats.padded)
+    with lora_grad_enabled(stats.modules), tap:
+        for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
+            stats.mask = tap.mask = _mask(batch)
+            logits = logits_fn(model, batch)  # (B, C)
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(f"non-finite logits in batch {b}")
+            stats.on_logits(logits, batch.labels)
+            gen.manual_seed(seed * 1_000_003 + first + b)
+            roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
+            output_gradients(logits, roots, tap.outputs)
+    model.train(was_training)
+
+
 def fit_kfac(
     model: nn.Module,
     batches: Iterable[Any],
@@ -263,21 +288,7 @@ def fit_kfac(
     device = next(iter(modules.values())).weight.device
     stats = Statistics(modules, rank, max_dense, LowRankUpdate(update).value, seed,
                        statistics_device(device), padded)  # fmt: skip
-    gen = torch.Generator(device=device)
-    was_training = model.training
-    model.eval()
-    tap = Tap(modules, stats.on_grad, stats.on_input, mask_inputs=not padded)
-    with lora_grad_enabled(modules), tap:
-        for b, batch in enumerate(tqdm(batches, desc="kfac", disable=not progress, total=total)):
-            stats.mask = tap.mask = _mask(batch)
-            logits = logits_fn(model, batch)  # (B, C)
-            if not torch.isfinite(logits).all():
-                raise NonFiniteError(f"non-finite logits in batch {b}")
-            stats.on_logits(logits, batch.labels)
-            gen.manual_seed(seed * 1_000_003 + first + b)
-            roots = fisher_root(logits.detach(), batch.labels, fisher, gen)  # (B, C, K)
-            output_gradients(logits, roots, tap.outputs)
-    model.train(was_training)
+    _accumulate(model, batches, logits_fn, stats, fisher, seed, first, progress, total)
     stats.reduce(d)
     return stats.finalize(fisher, normalisation)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from lalora.errors import ArtifactError
 from lalora.io import atomic_write_json
@@ -168,17 +169,7 @@ class Posterior:
         the ``stage`` that writes it."""
         folder = Path(folder)
         meta_path, factors_path = folder / "posterior.json", folder / "factors.safetensors"
-        if not meta_path.exists():
-            raise ArtifactError(meta_path, "missing (no posterior in this folder)", stage)
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ArtifactError(meta_path, f"unreadable ({err})", stage) from None
-        if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
-            version = meta.get("format_version") if isinstance(meta, dict) else None
-            raise ArtifactError(
-                meta_path, f"format version {version}, expected {FORMAT_VERSION}", stage
-            )
+        meta = _read_meta(meta_path, stage)
         try:
             tensors = load_file(str(factors_path))
         except Exception as err:  # SafetensorError or OSError: truncated, missing, not ours
@@ -186,25 +177,12 @@ class Posterior:
                 factors_path, f"unreadable ({type(err).__name__}: {err})", stage
             ) from None
         same_as = meta.get("same_as", {})
-        loaded: dict[str, Factor] = {}
+        loaded: dict[str, Factor] = {}  # one object per saved factor, shared as saved
 
         def factor(key: str) -> Factor:
             key = same_as.get(key, key)
             if key not in loaded:
-                try:
-                    evecs, evals = tensors[f"{key}/evecs"], tensors[f"{key}/evals"]
-                except KeyError as err:
-                    raise ArtifactError(factors_path, f"entry {err} missing", stage) from None
-                if not (torch.isfinite(evecs).all() and torch.isfinite(evals).all()):
-                    raise ArtifactError(factors_path, f"non-finite values in {key}", stage)
-                if (evals < 0).any():
-                    raise ArtifactError(
-                        factors_path,
-                        f"negative eigenvalue {float(evals.min()):.3g} in {key} (a Kronecker "
-                        "factor is positive semi-definite)",
-                        stage,
-                    )
-                loaded[key] = Factor(evecs, evals)
+                loaded[key] = _read_factor(tensors, key, factors_path, stage)
             return loaded[key]
 
         try:
@@ -245,3 +223,36 @@ def dense_precision(post: Posterior, name: str) -> torch.Tensor:
     m = post.modules[name]
     lam = post.prior_precision[name]
     return torch.kron(m.a.dense(), m.g.dense()) + lam * torch.eye(m.n_params, dtype=torch.float64)
+
+
+def _read_meta(path: Path, stage: str) -> dict:
+    """``posterior.json``: a dict of a known format version, else an ArtifactError."""
+    if not path.exists():
+        raise ArtifactError(path, "missing (no posterior in this folder)", stage)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(path, f"unreadable ({err})", stage) from None
+    if not isinstance(meta, dict) or meta.get("format_version") not in (1, FORMAT_VERSION):
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ArtifactError(path, f"format version {version}, expected {FORMAT_VERSION}", stage)
+    return meta
+
+
+def _read_factor(tensors: dict[str, Tensor], key: str, path: Path, stage: str) -> Factor:
+    """The factor saved under ``key`` (``<module>/a`` or ``<module>/g``): finite, with
+    non-negative eigenvalues, else an ArtifactError naming ``path``."""
+    try:
+        evecs, evals = tensors[f"{key}/evecs"], tensors[f"{key}/evals"]
+    except KeyError as err:
+        raise ArtifactError(path, f"entry {err} missing", stage) from None
+    if not (torch.isfinite(evecs).all() and torch.isfinite(evals).all()):
+        raise ArtifactError(path, f"non-finite values in {key}", stage)
+    if (evals < 0).any():
+        raise ArtifactError(
+            path,
+            f"negative eigenvalue {float(evals.min()):.3g} in {key} (a Kronecker factor is "
+            "positive semi-definite)",
+            stage,
+        )
+    return Factor(evecs, evals)
