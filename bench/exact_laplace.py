@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lalora.adapters import adapter_lora_weights, lora_modules
+from lalora.classifier import answer_token_ids
 from lalora.config import load_params
 from lalora.data import read_split
 from lalora.io import atomic_write_text
@@ -41,7 +43,6 @@ from lalora.laplace.predictive import (
     rebase_features,
 )
 from lalora.metrics import score
-from lalora.models import adapter_lora_weights, answer_token_ids, lora_modules
 from lalora.pipeline import batches, load_adapted, logits_fn
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from lalora.adapters import adapter_lora_weights, lora_modules
 from lalora.baselines import fit_temperature
+from lalora.classifier import answer_token_ids
 from lalora.config import load_params
 from lalora.data import answers_of, load_splits, read_split
 from lalora.io import atomic_write_json, atomic_write_text
@@ -47,7 +49,6 @@ from lalora.laplace.predictive import (
     tune_prior_nll,
 )
 from lalora.metrics import score
-from lalora.models import adapter_lora_weights, answer_token_ids, lora_modules
 from lalora.pipeline import batches, load_adapted, logits_fn
 
 NORMALISATIONS = ("rows", "sequences", "sequences_padded")

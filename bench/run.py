@@ -20,11 +20,11 @@ import torch
 
 from bench import errors, reference, workloads
 from bench.measure import Sample, Summary, measure, summarise
+from lalora.adapters import lora_modules
 from lalora.io import atomic_write_text
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.marglik import tune_prior
 from lalora.laplace.predictive import jacobian_features, logit_covariance
-from lalora.models import lora_modules
 from lalora.pipeline import logits_fn
 
 

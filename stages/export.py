@@ -6,9 +6,9 @@ import argparse
 import shutil
 from pathlib import Path
 
+from lalora.adapters import check_adapter
 from lalora.cli import run
 from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.models import check_adapter
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

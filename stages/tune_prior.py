@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lalora.adapters import adapter_lora_weights
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.data import read_split
@@ -13,7 +14,6 @@ from lalora.distributed import current, finish, init
 from lalora.io import atomic_write_json
 from lalora.laplace import Posterior, Validation, centre, jacobian_features, record, tune_priors
 from lalora.metrics import check_finite
-from lalora.models import adapter_lora_weights
 from lalora.pipeline import load_split_run
 
 

@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lalora.adapters import attach_lora, lora_modules
+from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, FinetuneConfig, ModelCard
 from lalora.data import load_splits
 from lalora.distributed import finish, init
 from lalora.finetune import train
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import jacobian_features, predict_covariances
-from lalora.models import answer_token_ids, attach_lora, load_card_model, lora_modules
 from lalora.pipeline import batches, logits_fn
+from lalora.zoo import load_card_model
 
 CARD = ModelCard(source="tiny", arch="llama", targets=("q_proj", "v_proj"), lm_head=True)
 CFG = FinetuneConfig(lr=1e-3, batch_size=3, steps=6, save_every=2, max_length=64, seed=1)

@@ -9,13 +9,9 @@ import torch
 from bench import errors, reference, run
 from bench.measure import measure
 from bench.workloads import TINY
-from lalora.models import (
-    answer_logits,
-    answer_token_ids,
-    attach_lora,
-    encode,
-    load_card_model,
-)
+from lalora.adapters import attach_lora
+from lalora.classifier import answer_logits, answer_token_ids, encode
+from lalora.zoo import load_card_model
 
 
 def test_block_error_is_scale_free_and_exact_on_a_copy():

@@ -323,7 +323,8 @@ def test_a_full_disk_is_one_paragraph_and_exit_status_2(capsys):
 
 
 def test_an_unwritable_model_cache_is_named(monkeypatch, tmp_path):
-    from lalora.models import ModelError, dequantised_gguf
+    from lalora.errors import ModelError
+    from lalora.zoo import dequantised_gguf
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -335,7 +336,7 @@ def test_an_unwritable_model_cache_is_named(monkeypatch, tmp_path):
 
 
 def test_a_truncated_model_cache_is_named_and_rebuilt(monkeypatch, tmp_path, capsys):
-    import lalora.models as models
+    import lalora.zoo as models
 
     calls = []
 
@@ -387,13 +388,13 @@ def test_outputs_keep_the_users_umask(tmp_path):
 @pytest.fixture(scope="module")
 def tok():
     from lalora.config import ModelCard
-    from lalora.models import load_tokenizer
+    from lalora.zoo import load_tokenizer
 
     return load_tokenizer(ModelCard(source="tiny", arch="llama"))
 
 
 def _decoded(tok, prompt, cut, max_length):
-    from lalora.models import encode
+    from lalora.classifier import encode
 
     batch = encode(tok, [prompt], [0], max_length, cuts=[cut])
     assert batch.input_ids.shape[1] <= max_length
@@ -428,7 +429,7 @@ def test_a_long_question_loses_its_start_and_keeps_the_choices(tok):
 
 
 def test_a_prompt_whose_fixed_parts_exceed_the_limit_is_refused(tok):
-    from lalora.models import PromptTooLongError, encode
+    from lalora.classifier import PromptTooLongError, encode
     from lalora.qa import four_choice_prompt
 
     choices = [{"text": "x " * 40, "label": lab} for lab in "ABCD"]
@@ -441,7 +442,7 @@ def test_a_prompt_whose_fixed_parts_exceed_the_limit_is_refused(tok):
 
 
 def test_short_prompts_encode_as_the_tokenizer_pads_them(tok):
-    from lalora.models import encode
+    from lalora.classifier import encode
 
     prompts = ["Question one? Answer:", "A longer question two, with more words? Answer:"]
     batch = encode(tok, prompts, [0, 1], 64, cuts=[(0, 8, "end"), None])

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lalora.adapters import attach_lora
 from lalora.baselines import checkpoint_ensemble, fit_temperature, mc_dropout_probs
+from lalora.classifier import answer_token_ids, encode
 from lalora.comparison import Predictions, compare, comparison_markdown
 from lalora.config import ModelCard
 from lalora.io import load_predictions, save_predictions
 from lalora.metrics import score
-from lalora.models import answer_token_ids, attach_lora, encode, load_card_model
 from lalora.pipeline import logits_fn
+from lalora.zoo import load_card_model
 
 
 def test_temperature_recovers_the_generating_temperature():

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from lalora.adapters import attach_lora, lora_modules
+from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, ModelCard
 from lalora.data import DataError, answers_of, load_local, load_splits, read_split
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.marglik import tune_prior
 from lalora.laplace.predictive import predict
-from lalora.models import answer_token_ids, attach_lora, load_card_model, lora_modules
 from lalora.pipeline import batches, logits_fn
 from lalora.qa import boolq_prompt, four_choice_prompt
+from lalora.zoo import load_card_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -15,6 +15,9 @@ import tiny_study
 import torch
 from tiny_study import AT, evaluate, stage, train_and_export, tune_prior, write_params
 
+from lalora.adapters import attach_lora
+from lalora.adapters import lora_modules as lora_of
+from lalora.classifier import Batch, answer_token_ids, encode
 from lalora.config import DataConfig, FinetuneConfig, KfacConfig, ModelCard
 from lalora.data import load_splits
 from lalora.devices import resolve, statistics_device
@@ -22,9 +25,8 @@ from lalora.finetune import train
 from lalora.laplace import kron
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import jacobian_features, predict_covariances
-from lalora.models import Batch, answer_token_ids, attach_lora, encode, load_card_model
-from lalora.models import lora_modules as lora_of
 from lalora.pipeline import batches, logits_fn
+from lalora.zoo import load_card_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCard(source="tiny", arch="llama", dropout=0.1)
@@ -125,7 +127,7 @@ def test_accumulators_keep_their_buffers_on_the_device_they_are_given(update):
 
 
 def test_a_batch_is_encoded_onto_the_device_and_moved_once():
-    from lalora.models import load_tokenizer
+    from lalora.zoo import load_tokenizer
 
     tok = load_tokenizer(CARD)
     batch = encode(tok, ["Is it? Answer:", "Which? Answer:"], [0, 1], 64, device="meta")

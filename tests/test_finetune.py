@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lalora.adapters import attach_lora, load_adapter
+from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, FinetuneConfig, ModelCard
 from lalora.data import load_splits
 from lalora.finetune import latest_checkpoint, train
-from lalora.models import answer_token_ids, attach_lora, load_adapter, load_card_model
+from lalora.zoo import load_card_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from cases import dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
 
+from lalora.adapters import lora_modules
 from lalora.laplace import (
     JacobianFeatures,
     PriorSearchError,
@@ -22,7 +23,6 @@ from lalora.laplace import (
 )
 from lalora.laplace.posterior import Posterior, dense_precision
 from lalora.laplace.predictive import contrast_matrix, predict_covariance, tune_prior_nll
-from lalora.models import lora_modules
 
 
 def setup(C: int, max_dense: int = 10**6, rank: int = 10, update: str = "svd"):

@@ -150,7 +150,7 @@ def test_the_readme_snippet_runs_as_written_and_gives_the_pipeline_s_probabiliti
     saved as a folder, the study's step-2 adapter, its prepared splits)."""
     from lalora.config import ModelCard
     from lalora.data import read_split
-    from lalora.models import load_card_model
+    from lalora.zoo import load_card_model
 
     card = ModelCard(source="tiny", arch="llama")
     tok, base = load_card_model(card, seed=0)

@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from lalora.adapters import attach_lora, load_adapter
+from lalora.classifier import answer_token_ids
 from lalora.config import (
     ConfigError,
     DataConfig,
@@ -34,20 +36,13 @@ from lalora.config import (
     load_section,
 )
 from lalora.data import DataError, load_local, load_splits, read_jsonl
-from lalora.errors import ArtifactError, NonFiniteError
+from lalora.errors import ArtifactError, ModelError, NonFiniteError
 from lalora.finetune import CorruptCheckpointWarning, latest_checkpoint, train
 from lalora.io import STAGING
 from lalora.laplace.kron import Factor
 from lalora.laplace.posterior import ModuleFactors, Posterior
 from lalora.metrics import check_finite, score
-from lalora.models import (
-    ModelError,
-    answer_token_ids,
-    attach_lora,
-    load_adapter,
-    load_base_model,
-    load_card_model,
-)
+from lalora.zoo import load_base_model, load_card_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from lalora.classifier import Batch
 from lalora.distributed import SINGLE, Dist, map_batches
-from lalora.models import Batch
 
 
 def fit_temperature(

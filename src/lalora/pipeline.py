@@ -26,19 +26,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lalora.config import ModelCard, Params
-from lalora.data import DataError, Example, read_split
-from lalora.models import (
+from lalora.adapters import load_adapter, lora_modules
+from lalora.classifier import (
     Batch,
     PromptTooLongError,
     answer_logits,
     answer_token_ids,
     encode,
-    load_adapter,
-    load_card_model,
-    lora_modules,
     tokenize,
 )
+from lalora.config import ModelCard, Params
+from lalora.data import DataError, Example, read_split
+from lalora.zoo import load_card_model
 
 
 def batches(
@@ -59,7 +58,7 @@ def batches(
 def truncation(tokenizer, examples: Sequence[Example], max_length: int, what: str) -> dict:
     """How many of ``examples`` exceed ``max_length`` tokens and are shortened, printed when
     any is: ``{"prompts": n, "of": N, "max_tokens": most tokens cut from one}``. A prompt that
-    cannot be shortened enough stops here, naming it (:func:`lalora.models.shorten`)."""
+    cannot be shortened enough stops here, naming it (:func:`lalora.classifier.shorten`)."""
     return measure(tokenizer, examples, max_length, what)[0]
 
 
@@ -132,7 +131,7 @@ def guard_memory(
     (:func:`lalora.memory.guard`)."""
     from lalora.devices import resolve
     from lalora.memory import Sizes, architecture, guard, stage_memory
-    from lalora.models import model_config
+    from lalora.zoo import model_config
 
     card = params.card(model_name)
     arch = architecture(model_config(card, len(tokenizer)), card)
@@ -153,7 +152,7 @@ def load_split_run(
     ``finetune.max_length``) on the model's device. With ``stage``, the stage's memory is
     estimated and checked first (:func:`guard_memory`), before the model loads."""
     from lalora.devices import module_device, resolve
-    from lalora.models import load_base_model, load_tokenizer
+    from lalora.zoo import load_base_model, load_tokenizer
 
     split = read_split(split_path)
     if not split.examples:

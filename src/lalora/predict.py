@@ -123,12 +123,12 @@ def load(
 ) -> Predictor:  # fmt: skip
     """The :class:`Predictor` of checkpoint ``step`` (default: the final one) of ``model``
     fine-tuned on ``dataset``, from the study's artifacts under ``root``."""
+    from lalora.classifier import answer_token_ids
     from lalora.data import answers_of, read_split
     from lalora.devices import resolve
     from lalora.evaluation import LAPLACE_METHODS, configured_method, posteriors
     from lalora.io import read_json
     from lalora.laplace.tuning import TunedPriors
-    from lalora.models import answer_token_ids
     from lalora.pipeline import load_adapted
 
     params = params if isinstance(params, Params) else load_params(Path(root) / params)

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from torch import nn
 
+from lalora.adapters import attach_lora
+from lalora.classifier import answer_token_ids
 from lalora.config import Params
 from lalora.data import DataError, Split, read_split
 from lalora.devices import resolve
 from lalora.distributed import Dist, current
 from lalora.finetune import TrainResult, train
-from lalora.models import answer_token_ids, attach_lora, load_base_model, load_tokenizer
 from lalora.pipeline import fingerprint, guard_memory, measure
+from lalora.zoo import load_base_model, load_tokenizer
 
 
 @dataclass(frozen=True)

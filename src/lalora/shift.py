@@ -21,9 +21,9 @@ from lalora.devices import resolve
 from lalora.distributed import SINGLE, Dist
 from lalora.evaluation import Evaluation, evaluate_split
 from lalora.metrics import check_finite
-from lalora.models import load_tokenizer
 from lalora.paths import Layout
 from lalora.pipeline import guard_memory, load_adapted
+from lalora.zoo import load_tokenizer
 
 
 @dataclass(frozen=True)

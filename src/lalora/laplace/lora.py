@@ -56,8 +56,8 @@ class LaplaceLoRA:
     def predict_examples(self, examples: list, method: str | None = None) -> Prediction:
         """As :meth:`predict` for prepared :class:`lalora.data.Example` s (whose ``cut`` says
         which part of a prompt over ``max_length`` tokens may be shortened)."""
+        from lalora.adapters import lora_modules
         from lalora.laplace.predictive import predict_covariances, predictive_probs
-        from lalora.models import lora_modules
         from lalora.pipeline import batches
 
         method = method or self.tuned.configured
@@ -112,7 +112,7 @@ def laplace_lora(
 
     Args:
         val: validation pairs; the prior minimises their NLL (else the marginal likelihood).
-        init: the LoRA weights at initialisation by module (``lalora.models.lora_modules``
+        init: the LoRA weights at initialisation by module (``lalora.adapters.lora_modules``
             names), for a prior centred there; None: centred at zero.
         kfac, prior, predictive: the pipeline's sections (defaults: its defaults, the prior's
             ``method`` following ``val`` and its ``mean`` following ``init``).
@@ -122,10 +122,11 @@ def laplace_lora(
     Returns:
         A :class:`LaplaceLoRA` (call ``.predict(prompts)`` or ``.probs(prompts)``).
     """
+    from lalora.adapters import lora_modules
+    from lalora.classifier import answer_token_ids
     from lalora.laplace.kfac import fit_kfac
     from lalora.laplace.predictive import jacobian_features
     from lalora.laplace.tuning import Validation, centre, tune_priors
-    from lalora.models import answer_token_ids, lora_modules
 
     kfac = kfac or KfacConfig(batch_size=batch_size)
     prior = prior or replace(PriorConfig(), method="val_nll" if val else "marglik",
