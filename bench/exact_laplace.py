@@ -33,7 +33,7 @@ from lalora.io import atomic_write_text
 from lalora.laplace import exact
 from lalora.laplace.diagnostics import lora_symmetry, remove_symmetry
 from lalora.laplace.kfac import fit_kfac, renormalise
-from lalora.laplace.marglik import PriorSearchError, log_marginal_likelihood, maximise_log10
+from lalora.laplace.marglik import log_marginal_likelihood
 from lalora.laplace.marglik import tune_prior as tune_kfac
 from lalora.laplace.posterior import Posterior
 from lalora.laplace.predictive import (
@@ -44,6 +44,7 @@ from lalora.laplace.predictive import (
 )
 from lalora.metrics import score
 from lalora.pipeline import batches, load_adapted, logits_fn
+from lalora.search import SearchError, maximise_log10
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,10 @@ def best_test_lambda(cov_at, mean, labels, link, samples, seed, lo, hi) -> str:
 
     try:
         res = maximise_log10(objective, lo, hi, 21, "test NLL")
-    except PriorSearchError:
+    except SearchError:
         ys = [objective(lo), objective(hi)]
         return f"edge 1e{lo:g}" if ys[0] > ys[1] else f"edge 1e{hi:g} (MAP)"
-    return f"{10.0**res.log10_precision:.3g}"
+    return f"{10.0**res.log10:.3g}"
 
 
 def where_from(args: argparse.Namespace) -> str:
@@ -181,7 +182,7 @@ def main() -> None:
                         d_ev, structure, pr.log10_min, pr.log10_max, pr.grid, evidence=ev,
                         accept_edge=True,
                     )  # fmt: skip
-                except PriorSearchError as err:
+                except SearchError as err:
                     print(f"exact {structure} {mean_name} {evidence}: {err}", file=sys.stderr)
                     continue
                 cov = exact.logit_covariance(dual, lam, structure)

@@ -46,8 +46,8 @@ from lalora.laplace.predictive import (
     logit_covariance,
     predictive_probs,
     rebase_features,
-    tune_prior_nll,
 )
+from lalora.laplace.tuning import tune_prior_nll
 from lalora.metrics import score
 from lalora.pipeline import batches, load_adapted, logits_fn
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lalora.classifier import Batch
 from lalora.distributed import SINGLE, Dist, map_batches
+from lalora.search import maximise_log10
 
 
 def fit_temperature(
@@ -27,8 +28,6 @@ def fit_temperature(
 ) -> tuple[float, str | None]:
     """T minimising the NLL of softmax(logits / T) on (validation) ``logits`` (N, C), and
     ``"low"``/``"high"`` when the optimum is at an edge of [10^log10_min, 10^log10_max]."""
-    from lalora.laplace.marglik import maximise_log10
-
     logits = logits.double()
 
     def objective(x: float) -> float:
@@ -36,7 +35,7 @@ def fit_temperature(
         return float(logp.gather(1, labels[:, None]).mean())
 
     res = maximise_log10(objective, log10_min, log10_max, 81, "temperature", accept_edge=True)
-    return 10.0**res.log10_precision, res.at_edge
+    return 10.0**res.log10, res.at_edge
 
 
 def _lora_dropouts(model: nn.Module) -> list[nn.Module]:

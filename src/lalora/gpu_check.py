@@ -106,8 +106,8 @@ def _laplace(
         jacobian_features,
         predict_covariances,
         predictive_probs,
-        tune_prior_nll,
     )  # fmt: skip
+    from lalora.laplace.tuning import tune_prior_nll
     from lalora.metrics import score
     from lalora.pipeline import batches, logits_fn
 

@@ -82,6 +82,13 @@ def check_finite(obj: object, where: str, path: str = "") -> None:
         raise NonFiniteError(f"{where}: {path or 'value'} is {obj}")
 
 
+def nll(probs: Tensor, labels: Tensor) -> float:
+    """The mean negative log-likelihood of the true labels (N,) under ``probs`` (N, C), in
+    float64, a probability floored at 1e-300."""
+    p_true = probs.double().gather(1, labels[:, None]).squeeze(1).clamp(min=1e-300)
+    return float(-p_true.log().mean())
+
+
 def score(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Scores:
     """ACC, mean NLL and ECE of predictive probabilities ``probs`` (N, C); non-finite
     probabilities are refused."""
@@ -94,11 +101,10 @@ def score(probs: Tensor, labels: Tensor, n_bins: int = 10) -> Scores:
             f"index {int(bad[0])}"
         )
     probs = probs.double()
-    p_true = probs.gather(1, labels[:, None]).squeeze(1).clamp(min=1e-300)
     bins = reliability_bins(probs, labels, n_bins)
     return Scores(
         acc=float((probs.argmax(-1) == labels).double().mean()),
-        nll=float(-p_true.log().mean()),
+        nll=nll(probs, labels),
         ece=ece_from_bins(bins),
         brier=float(_brier_terms(probs, labels).mean()),
         n=int(labels.shape[0]),

@@ -46,8 +46,8 @@ import torch
 from torch import Tensor, nn
 
 from lalora.laplace.kfac import LogitsFn
-from lalora.laplace.marglik import maximise_log10
 from lalora.laplace.predictive import contrast_jacobians
+from lalora.search import maximise_log10
 
 
 class Structure(StrEnum):
@@ -397,7 +397,7 @@ def tune_prior(
             return log_marginal_likelihood(dual, 10.0**x, structure, evidence)
 
     res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge)
-    return 10.0**res.log10_precision
+    return 10.0**res.log10
 
 
 def effective_dimension(

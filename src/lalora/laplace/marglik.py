@@ -26,17 +26,13 @@ standard formula would be evaluated.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 from torch import Tensor
 
-from lalora.errors import UserError
 from lalora.laplace.posterior import ModuleFactors, Posterior
-
-GOLDEN = (math.sqrt(5) - 1) / 2
+from lalora.search import maximise_log10
 
 
 class PriorStructure(StrEnum):
@@ -47,10 +43,6 @@ class PriorStructure(StrEnum):
 class Evidence(StrEnum):
     STANDARD = "standard"
     LINEAR = "linear"
-
-
-class PriorSearchError(UserError, RuntimeError):
-    """The search range does not bracket an optimum: the message names where."""
 
 
 class PriorAtEdgeWarning(UserWarning):
@@ -114,63 +106,6 @@ def log_marginal_likelihood(
     )
 
 
-@dataclass(frozen=True)
-class SearchResult:
-    """The best log10 lambda, its objective, the grid, and ``at_edge`` ("low" or "high") when
-    the optimum is not bracketed and the edge was accepted."""
-
-    log10_precision: float
-    value: float
-    grid: list[tuple[float, float]]
-    at_edge: str | None = None
-
-
-def maximise_log10(
-    objective: Callable[[float], float],
-    lo: float,
-    hi: float,
-    grid: int,
-    where: str,
-    accept_edge: bool = False,
-) -> SearchResult:
-    """Maximise ``objective(log10 lambda)``: a grid, then golden-section search around the best
-    grid point to 1e-8 in log10. Deterministic. If the best point is on the range's edge, raises
-    :class:`PriorSearchError`, or with ``accept_edge`` returns that edge (``at_edge``)."""
-    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
-    ys = [objective(x) for x in xs]
-    if not all(math.isfinite(y) for y in ys):
-        raise PriorSearchError(f"{where}: non-finite objective on the prior grid")
-    # ties go to the larger lambda: a flat objective (a module the data never reach, with its
-    # weights at the prior mean) gets the tightest prior, not the widest
-    best = max(range(grid), key=lambda i: (ys[i], i))
-    if best in (0, grid - 1) and accept_edge:
-        return SearchResult(
-            log10_precision=xs[best],
-            value=ys[best],
-            grid=list(zip(xs, ys, strict=True)),
-            at_edge="low" if best == 0 else "high",
-        )
-    if best in (0, grid - 1):
-        raise PriorSearchError(
-            f"{where}: the optimum is not bracketed in log10(prior precision) in [{lo}, {hi}] "
-            f"(best at the edge, {xs[best]}); widen prior.log10_min/log10_max"
-        )
-    a, b = xs[best - 1], xs[best + 1]
-    c, d = b - GOLDEN * (b - a), a + GOLDEN * (b - a)
-    fc, fd = objective(c), objective(d)
-    while b - a > 1e-8:
-        if fc > fd:
-            b, d, fd = d, c, fc
-            c = b - GOLDEN * (b - a)
-            fc = objective(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + GOLDEN * (b - a)
-            fd = objective(d)
-    x = (a + b) / 2
-    return SearchResult(log10_precision=x, value=objective(x), grid=list(zip(xs, ys, strict=True)))
-
-
 def tune_prior(
     post: Posterior,
     structure: PriorStructure | str = PriorStructure.SCALAR,
@@ -184,7 +119,7 @@ def tune_prior(
     """Maximise log Z over log lambda (scalar, or per module for ``layerwise``), by the
     ``standard`` evidence or the ``linear`` one (which needs :meth:`Posterior.with_delta`).
 
-    An optimum at an edge of the range raises :class:`PriorSearchError`, or with
+    An optimum at an edge of the range raises :class:`lalora.search.SearchError`, or with
     ``accept_edge`` is kept with a :class:`PriorAtEdgeWarning` (e.g. the step-0 adapter under a
     prior centred at the LoRA initialisation: theta* = mu, so log Z grows without bound in
     lambda, and the posterior is the MAP).
@@ -198,8 +133,8 @@ def tune_prior(
 
         res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge)
         if res.at_edge:
-            warn_edge(where, res.at_edge, res.log10_precision, "marginal likelihood")
-        return post.with_prior(10.0**res.log10_precision)
+            warn_edge(where, res.at_edge, res.log10, "marginal likelihood")
+        return post.with_prior(10.0**res.log10)
     prior = {}
     for name, m in post.modules.items():
         res = maximise_log10(
@@ -210,7 +145,7 @@ def tune_prior(
             f"{where}, module {name}",
             accept_edge,
         )
-        prior[name] = 10.0**res.log10_precision
+        prior[name] = 10.0**res.log10
     edges = list(edges_of(prior, log10_min, log10_max).values())
     for edge in sorted(set(edges)):
         bound = log10_min if edge == "low" else log10_max

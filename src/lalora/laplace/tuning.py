@@ -5,7 +5,8 @@ From one centred posterior (:func:`centre`) and, when there is one, the validati
 Jacobian features (one pass, every module):
 
 - ``la``: the marginal-likelihood prior (``prior.structure``, ``prior.evidence``);
-- ``la_val``: the scalar prior minimising the validation NLL of the linearised predictive;
+- ``la_val``: the scalar prior minimising the validation NLL of the linearised predictive
+  (:func:`tune_prior_nll`, over the features' cheap covariances at any prior);
 - ``llla``: the ``lm_head`` LoRA alone, with the configured method;
 
 and the temperature of the validation split's MAP logits (temperature scaling, Guo et al.
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from lalora.config import PredictiveConfig, PriorConfig
+from lalora.laplace.marglik import warn_edge
 from lalora.laplace.posterior import Posterior, last_layer_modules
-from lalora.laplace.predictive import JacobianFeatures
+from lalora.laplace.predictive import JacobianFeatures, Link, logit_covariance, predictive_probs
+from lalora.metrics import nll
+from lalora.search import maximise_log10
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,6 @@ def _marglik(post: Posterior, prior: PriorConfig, where: str) -> Posterior:
 def _val_nll(
     post: Posterior, val: Validation, prior: PriorConfig, pred: PredictiveConfig, where: str
 ) -> Posterior:
-    from lalora.laplace.predictive import tune_prior_nll
-
     tuned, _ = tune_prior_nll(
         val.features, val.labels, post, pred.link, pred.samples, pred.seed,
         prior.log10_min, prior.log10_max, prior.grid, where=where,
@@ -156,3 +158,35 @@ def record(tuned: TunedPriors, prior: PriorConfig, symmetry: dict) -> dict:
         "methods": {k: entry(v, prior) for k, v in tuned.posteriors.items()},
         "temperature": None if T is None else {"T": T[0], "at_edge": T[1]},
     }
+
+
+def tune_prior_nll(
+    features: JacobianFeatures,
+    labels: Tensor,
+    post: Posterior,
+    link: Link | str = Link.PROBIT,
+    samples: int = 1000,
+    seed: int = 0,
+    log10_min: float = -4.0,
+    log10_max: float = 6.0,
+    grid: int = 41,
+    where: str = "posterior",
+) -> tuple[Posterior, str | None]:
+    """Scalar prior precision minimising the validation NLL of the linearised predictive, and
+    ``"low"``/``"high"`` when that minimum lies at an edge of the range.
+
+    An edge is a result, not an error: at the low edge the predictive tends to the uniform
+    distribution (the model's answers on the validation split are worse than chance), at the
+    high edge to the MAP (the MAP is already as calibrated as the posterior can make it). It is
+    returned with a :class:`PriorAtEdgeWarning`.
+    """
+
+    def objective(x: float) -> float:
+        p = post.with_prior(10.0**x)
+        probs = predictive_probs(features.mean, logit_covariance(features, p), link, samples, seed)
+        return -nll(probs, labels)
+
+    res = maximise_log10(objective, log10_min, log10_max, grid, where, accept_edge=True)
+    if res.at_edge is not None:
+        warn_edge(where, res.at_edge, res.log10, "validation NLL")
+    return post.with_prior(10.0**res.log10), res.at_edge
