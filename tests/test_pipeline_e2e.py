@@ -20,9 +20,9 @@ import pytest
 import torch
 import yaml
 
-from lalora.comparison import METHOD_NAMES
 from lalora.io import load_predictions
 from lalora.metrics import score
+from lalora.tables import METHOD_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -17,18 +17,7 @@ from torch import Tensor
 
 from lalora.baselines import checkpoint_ensemble
 from lalora.metrics import bootstrap_intervals, score
-
-METHOD_NAMES = {
-    "map": "MAP",
-    "la": "LA",
-    "la_val": "LA (val)",
-    "llla": "LLLA",
-    "temperature": "Temperature scaling",
-    "mc_dropout": "MC dropout",
-    "ensemble": "Checkpoint ensemble",
-    "deep_ensemble": "Deep ensemble",
-}
-METRICS = ("acc", "nll", "ece", "brier")
+from lalora.tables import METHOD_NAMES, METRIC_LABELS, METRICS, markdown_lines
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ def compare(
                         "dataset": dataset,
                         "method": METHOD_NAMES[method],
                         "key": method,
-                        "metric": metric.upper() if metric != "brier" else "Brier",
+                        "metric": METRIC_LABELS[metric],
                         "value": getattr(point, metric),
                         "low": ci[metric].low,
                         "high": ci[metric].high,
@@ -129,13 +118,12 @@ def comparison_markdown(df: pd.DataFrame, labels: dict[str, str]) -> str:
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         step = int(g.step.iloc[0])
         out += [f"### {model}, {labels.get(dataset, dataset)} (step {step})", ""]
-        out += ["| method | ACC | NLL [95% CI] | ECE [95% CI] | Brier |", "|---|---|---|---|---|"]
+        rows = []
         for method, m in g.groupby("method", sort=False):
             v = {r.metric: r for r in m.itertuples()}
-            out.append(
-                f"| {method} | {v['ACC'].value:.3f} | {_ci(v['NLL'])} | {_ci(v['ECE'])} "
-                f"| {v['Brier'].value:.3f} |"
-            )
+            rows.append([method, f"{v['ACC'].value:.3f}", _ci(v["NLL"]), _ci(v["ECE"]),
+                         f"{v['Brier'].value:.3f}"])  # fmt: skip
+        out += markdown_lines(["method", "ACC", "NLL [95% CI]", "ECE [95% CI]", "Brier"], rows)
         out.append("")
     return "\n".join(out)
 
@@ -159,7 +147,7 @@ def shift_table(results: dict[tuple[str, str], dict], labels: dict[str, str]) ->
                             "train": labels.get(source, source),
                             "test": labels.get(target, target),
                             "method": name,
-                            **{m.upper() if m != "brier" else "Brier": s[m] for m in METRICS},
+                            **{METRIC_LABELS[m]: s[m] for m in METRICS},
                         }
                     )
     return pd.DataFrame(
@@ -174,8 +162,10 @@ def shift_markdown(df: pd.DataFrame) -> str:
     out = []
     for (model, train, test), g in df.groupby(["model", "train", "test"], sort=False):
         out += [f"### {model}: fine-tuned on {train}, tested on {test}", ""]
-        out += ["| method | ACC | NLL | ECE | Brier |", "|---|---|---|---|---|"]
-        for r in g.itertuples():
-            out.append(f"| {r.method} | {r.ACC:.3f} | {r.NLL:.3f} | {r.ECE:.3f} | {r.Brier:.3f} |")
+        rows = [
+            [r.method, *(f"{v:.3f}" for v in (r.ACC, r.NLL, r.ECE, r.Brier))]
+            for r in g.itertuples()
+        ]
+        out += markdown_lines(["method", "ACC", "NLL", "ECE", "Brier"], rows)
         out.append("")
     return "\n".join(out)

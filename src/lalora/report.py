@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from lalora.comparison import METHOD_NAMES, Final
+from lalora.comparison import Final
 from lalora.config import DataConfig
 from lalora.io import atomic_write_json, atomic_write_text, share
 from lalora.metrics import score
+from lalora.tables import METHOD_NAMES, METRIC_LABELS, METRICS, markdown_lines
 
-METRICS = ("acc", "nll", "ece", "brier")
 TABLE_METRICS = ("acc", "nll", "ece")  # the report's Tables 2-3
-LABELS = {"acc": "ACC", "nll": "NLL", "ece": "ECE", "brier": "Brier"}
 
 
 def dataset_label(key: str, cfg: DataConfig) -> str:
@@ -74,7 +73,7 @@ def results_table(
     rows = []
     for model in models:
         for m in TABLE_METRICS:
-            row: dict = {"LLM": model, "Metric": LABELS[m]}
+            row: dict = {"LLM": model, "Metric": METRIC_LABELS[m]}
             for key, label in labels.items():
                 cell = final[(final.model == model) & (final.dataset == key)][m]
                 row[label] = round(float(cell.iloc[0]), 4)
@@ -83,11 +82,8 @@ def results_table(
 
 
 def markdown(df: pd.DataFrame) -> str:
-    """A GitHub markdown table."""
-    head = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    """A GitHub markdown table of ``df``'s columns and rows."""
+    return "\n".join(markdown_lines(df.columns, df.itertuples(index=False))) + "\n"
 
 
 def summary(df: pd.DataFrame, comparison: pd.DataFrame, shifted: dict | None = None) -> dict:
@@ -193,7 +189,7 @@ def figure1(df: pd.DataFrame, path: Path) -> None:
                     )
         for ax, m in zip(row, TABLE_METRICS, strict=True):
             ax.set_xlabel("gradient steps")
-            ax.set_ylabel(f"{LABELS[m]} ({dataset})")
+            ax.set_ylabel(f"{METRIC_LABELS[m]} ({dataset})")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.tight_layout()
