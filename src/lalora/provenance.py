@@ -81,8 +81,9 @@ def lazy_exports(package: str, src: Path = SRC) -> dict[str, str]:
 
 
 def module_closure(script: Path, src: Path = SRC) -> list[Path]:
-    """The ``lalora`` source files ``script`` imports, directly or through each other, sorted
-    (``lalora/__init__.py`` excluded, see the module docstring)."""
+    """The ``lalora`` source files ``script`` imports, directly or through each other, and the
+    package data files they read (a file of ``resources/`` whose name one of them spells out),
+    sorted (``lalora/__init__.py`` excluded, see the module docstring)."""
     seen: set[Path] = set()
     todo = [Path(script).resolve()]
     while todo:
@@ -92,6 +93,9 @@ def module_closure(script: Path, src: Path = SRC) -> list[Path]:
                 seen.add(dep)
                 todo.append(dep)
     seen.discard(src / "__init__.py")
+    data = sorted((src / "resources").glob("*")) if (src / "resources").is_dir() else []
+    texts = [p.read_text() for p in seen]
+    seen |= {f for f in data if any(f'"{f.name}"' in t for t in texts)}
     return sorted(seen)
 
 
