@@ -50,23 +50,22 @@ def answer_token_ids(
     ids: list[int] = []
     for ans in answers:
         full = tokenizer([p + ans for p in unique], add_special_tokens=False)["input_ids"]
-        found: int | None = None
-        for prompt, head, ext in zip(unique, heads, full, strict=True):
-            if len(ext) <= len(head) or ext[: len(head)] != head:
+        firsts = [ext[len(head)] if ext[: len(head)] == head and len(ext) > len(head) else None
+                  for head, ext in zip(heads, full, strict=True)]  # fmt: skip
+        for prompt, head, ext, first in zip(unique, heads, full, firsts, strict=True):
+            if first is None:
                 raise ModelError(
                     f"answer {ans!r} does not follow the prompt {prompt[-60:]!r} as tokens of its "
                     f"own (prompt {head[-4:]}, prompt + answer {ext[-5:]}): end the prompt "
                     "so that the answer starts a new token (e.g. with 'Answer:')"
                 )
-            if found is None:
-                found = ext[len(head)]
-            elif ext[len(head)] != found:
+            if first != firsts[0]:
                 raise ModelError(
-                    f"answer {ans!r} is token {ext[len(head)]} after the prompt "
-                    f"{prompt[-60:]!r} and {found} after an earlier one: the prompts must end "
+                    f"answer {ans!r} is token {first} after the prompt "
+                    f"{prompt[-60:]!r} and {firsts[0]} after an earlier one: the prompts must end "
                     "alike (e.g. with 'Answer:')"
                 )
-        ids.append(found)
+        ids.append(firsts[0])
     if len(set(ids)) != len(ids):
         raise ModelError(f"answers {list(answers)} start with the same token: {ids}")
     return ids

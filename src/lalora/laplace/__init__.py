@@ -44,7 +44,7 @@ _EXPORTS = {
     "TunedPriors": "tuning",
     "Validation": "tuning",
     "centre": "tuning",
-    "entry": "tuning",
+    "prior_summary": "tuning",
     "record": "tuning",
     "tune_priors": "tuning",
     "LaplaceLoRA": "lora",

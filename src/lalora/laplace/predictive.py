@@ -515,9 +515,9 @@ def predictive_probs(
         sl = slice(start, start + chunk)
         n = mu[sl].shape[0]
         eps = torch.randn(n, samples, mu.shape[1], generator=gen, dtype=torch.float64)
-        d = mu[sl, None, :] + torch.einsum("nkj,nsj->nsk", root[sl], eps)  # (n, S, K)
-        d = torch.cat([d, d.new_zeros(n, samples, 1)], dim=2)
-        out.append(torch.softmax(d, dim=2).mean(dim=1))
+        draws = mu[sl, None, :] + torch.einsum("nkj,nsj->nsk", root[sl], eps)  # (n, S, K)
+        draws = torch.cat([draws, draws.new_zeros(n, samples, 1)], dim=2)
+        out.append(torch.softmax(draws, dim=2).mean(dim=1))
     return torch.cat(out)
 
 

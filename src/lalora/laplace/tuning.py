@@ -117,7 +117,7 @@ def tune_priors(
     return TunedPriors(tuned, configured, temperature)
 
 
-def entry(tuned: Posterior, prior: PriorConfig) -> dict:
+def prior_summary(tuned: Posterior, prior: PriorConfig) -> dict:
     """What ``evaluate`` reads of one tuned posterior: the precision (scalar; layerwise: the
     geometric mean over modules) and per module, the edges of the search range it reached, log
     Z, ||theta* - mu||^2, the parameter count and the curvature's penalty shares."""
@@ -139,9 +139,9 @@ def entry(tuned: Posterior, prior: PriorConfig) -> dict:
 
 
 def record(tuned: TunedPriors, prior: PriorConfig, symmetry: dict) -> dict:
-    """The prior file: the configured posterior's :func:`entry` at the top level (with the
+    """The prior file: the configured posterior's :func:`prior_summary` at the top level (with the
     prior's settings, the data size, the training confidence and Fisher trace, the LoRA
-    symmetry share), every method's entry under ``methods``, and the temperature."""
+    symmetry share), every method's summary under ``methods``, and the temperature."""
     post = tuned.posterior
     T = tuned.temperature
     return {
@@ -150,12 +150,12 @@ def record(tuned: TunedPriors, prior: PriorConfig, symmetry: dict) -> dict:
         "mean": prior.mean,
         "evidence": prior.evidence,
         "normalisation": post.normalisation,
-        **entry(post, prior),
+        **prior_summary(post, prior),
         "n_data": post.n_data,
         "train_confidence": post.train_confidence,
         "fisher_trace": post.fisher_trace,
         "symmetry": symmetry,
-        "methods": {k: entry(v, prior) for k, v in tuned.posteriors.items()},
+        "methods": {k: prior_summary(v, prior) for k, v in tuned.posteriors.items()},
         "temperature": None if T is None else {"T": T[0], "at_edge": T[1]},
     }
 
