@@ -7,6 +7,7 @@ its output, rerun it, and compare the final outputs byte for byte with an uninte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,9 +25,11 @@ from lalora.classifier import answer_token_ids
 from lalora.config import (
     ConfigError,
     DataConfig,
+    EnsembleConfig,
     EvaluateConfig,
     FinetuneConfig,
     KfacConfig,
+    LaunchConfig,
     ModelCard,
     Params,
     PredictiveConfig,
@@ -34,6 +37,7 @@ from lalora.config import (
     compose,
     load_params,
     load_section,
+    read_conf,
 )
 from lalora.data import DataError, load_local, load_splits, read_jsonl
 from lalora.errors import ArtifactError, ModelError, NonFiniteError
@@ -258,8 +262,11 @@ def test_a_missing_section_is_refused(tmp_path, section):
         load_params(path)
 
 
-def test_dataclass_defaults_equal_the_composed_conf_defaults():
+def test_dataclass_defaults_are_the_composed_conf_defaults():
+    """conf/ is the one place a default is written: the library's reading of it (no Hydra)
+    equals Hydra's composition, and every section dataclass's defaults are its values."""
     raw = compose(ROOT / "conf")
+    assert read_conf(ROOT / "conf") == raw
     assert load_section(DataConfig, raw["data"]["generated"], "data") == DataConfig()
     for key, cls in [
         ("finetune", FinetuneConfig),
@@ -267,8 +274,21 @@ def test_dataclass_defaults_equal_the_composed_conf_defaults():
         ("kfac", KfacConfig),
         ("prior", PriorConfig),
         ("predictive", PredictiveConfig),
+        ("launch", LaunchConfig),
+        ("ensemble", EnsembleConfig),
     ]:
         assert load_section(cls, raw[key], key) == cls(), key
+        assert {f.name for f in dataclasses.fields(cls)} == set(raw[key]), key
+
+
+def test_a_default_written_in_code_and_in_conf_is_refused():
+    from lalora.config import _conf_defaults
+
+    with pytest.raises(TypeError, match=r"Twice\.lr: a default in code and in conf/"):
+
+        @_conf_defaults("finetune")
+        class Twice:
+            lr: float = 1.0
 
 
 def test_an_empty_training_file_and_a_null_option_are_named(tmp_path):

@@ -29,6 +29,124 @@ class ConfigError(UserError, ValueError):
     """A params section is malformed: the message names the key and the problem."""
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unions are not supported in params")
+    if tp is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # 1e-4: a float in YAML 1.2 (DVC), a string to PyYAML
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+    if not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type[T], raw: Any, key: str) -> T:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required key is missing
+        raise ConfigError(f"{key or 'params'}: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(
+            f"{key}: {err}" if key and not str(err).startswith(key) else str(err)
+        ) from None
+
+
+# The project's configuration: conf/config.yaml and its groups' default options, composed by
+# DVC (Hydra) into params.yaml. It is the one place a default is written: the section
+# dataclasses below take their defaults from it (:func:`_conf_defaults`).
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _merge(into: dict, new: dict) -> dict:
+    """``new`` merged into ``into`` as Hydra merges configs: mappings key by key, the rest
+    replaced."""
+    out = dict(into)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_conf(conf_dir: Path = CONF_DIR) -> dict:
+    """``conf/`` composed with each group's default option, as Hydra composes it without
+    overrides (tested against :func:`compose`), read with PyYAML alone so the library needs no
+    Hydra: the defaults list in order (a group option merged at the top level when it says
+    ``# @package _global_``, else under the group's name), ``_self_`` where it is listed."""
+    raw = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
+    own = {k: v for k, v in raw.items() if k != "defaults"}
+    out: dict = {}
+    for item in raw.get("defaults", ["_self_"]):
+        if item == "_self_":
+            out = _merge(out, own)
+            continue
+        ((group, option),) = item.items()
+        path = conf_dir / group / f"{option}.yaml"
+        text = path.read_text()
+        sub = {k: v for k, v in (yaml.safe_load(text) or {}).items() if k != "defaults"}
+        out = _merge(out, sub if "@package _global_" in text.split("\n", 1)[0] else {group: sub})
+    return out
+
+
+def _conf_defaults(*section: str):
+    """Give a section dataclass (applied before ``@dataclass``) the defaults of ``conf/``'s
+    ``section`` (e.g. ``("finetune",)``, ``("data", "generated")``), typed by its annotations.
+    A field the section does not list keeps its default in code; one that both give is an
+    error, so each default is written once. Without ``conf/`` (the package alone) the fields
+    it would give are required."""
+
+    def apply(cls):
+        if not CONF_DIR.is_dir():
+            return cls
+        values = read_conf()
+        for key in section:
+            values = values[key]
+        hints = typing.get_type_hints(cls)
+        for name in cls.__annotations__:
+            if name not in values:
+                continue
+            if name in vars(cls):
+                raise TypeError(f"{cls.__name__}.{name}: a default in code and in conf/")
+            setattr(cls, name, _coerce(values[name], hints[name], ".".join((*section, name))))
+        return cls
+
+    return apply
+
+
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # numbers that YAML 1.2 (DVC's ruamel) reads as floats and PyYAML's YAML 1.1 rule as strings
 _YAML12_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -133,6 +251,7 @@ class SchemaConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults("data", "generated")
 class DataConfig:
     """The task: ``name`` is a key of :data:`lalora.data.DATASETS` (generated, winogrande,
     arc_c, arc_e, obqa, boolq, or custom: the user's own files or hub dataset, read as
@@ -150,16 +269,16 @@ class DataConfig:
     official protocol (``train_split`` and ``test_split`` are then not read).
     """
 
-    name: str = "generated"
-    source: Literal["generated", "hub", "local"] = "generated"
-    local_dir: str = ""
-    train_split: str = "train"
-    test_split: str = "test"
-    n_train: int = 260
-    n_test: int = 500
-    val_size: int = 100
-    seed: int = 0
-    split_from: str = ""
+    name: str
+    source: Literal["generated", "hub", "local"]
+    local_dir: str
+    train_split: str
+    test_split: str
+    n_train: int
+    n_test: int
+    val_size: int
+    seed: int
+    split_from: str
     schema: SchemaConfig = field(default_factory=SchemaConfig)
 
     def __post_init__(self) -> None:
@@ -202,17 +321,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "finetune",
+)
 class FinetuneConfig:
     """LoRA fine-tuning (the report's Table 1): AdamW, linear schedule, checkpoints."""
 
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    batch_size: int = 6
-    max_length: int = 512
-    steps: int = 400
-    save_every: int = 100
-    warmup_steps: int = 0
-    seed: int = 0
+    lr: float
+    weight_decay: float
+    batch_size: int
+    max_length: int
+    steps: int
+    save_every: int
+    warmup_steps: int
+    seed: int
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.save_every <= 0 or self.steps % self.save_every:
@@ -240,6 +362,9 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "evaluate",
+)
 class EvaluateConfig:
     """MAP and Laplace evaluation, and the comparison's other methods.
 
@@ -250,17 +375,12 @@ class EvaluateConfig:
     ensemble averages the MAP of the last K checkpoints (all of them when fewer; 0: none).
     ``bootstrap``: resamples for the 95% intervals of the comparison table."""
 
-    batch_size: int = 8
-    ece_bins: int = 10
-    methods: tuple[Literal["la", "la_val", "llla", "temperature", "mc_dropout"], ...] = (
-        "la",
-        "la_val",
-        "llla",
-        "temperature",
-    )
-    mc_samples: int = 8
-    ensemble_last: int = 3
-    bootstrap: int = 1000
+    batch_size: int
+    ece_bins: int
+    methods: tuple[Literal["la", "la_val", "llla", "temperature", "mc_dropout"], ...]
+    mc_samples: int
+    ensemble_last: int
+    bootstrap: int
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.ece_bins <= 0:
@@ -277,6 +397,9 @@ DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # launch.device (lalora.d
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "launch",
+)
 class LaunchConfig:
     """How the heavy stages (finetune, members, fit_kfac, tune_prior, evaluate, shift) start:
     ``nproc_per_node`` 1 runs plain ``python``, N > 1 runs ``torchrun --nproc-per-node N``
@@ -289,11 +412,11 @@ class LaunchConfig:
     ``cuda:N``; :mod:`lalora.devices`). The stages do not declare these keys: results equal
     the 1-process CPU run's (to round-off), so changing them reruns nothing."""
 
-    nproc_per_node: int = 1
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    threads: int = 0
-    memory_gb: float = 0.0
-    device: str = "auto"
+    nproc_per_node: int
+    backend: Literal["auto", "gloo", "nccl"]
+    threads: int
+    memory_gb: float
+    device: str
 
     def __post_init__(self) -> None:
         if not DEVICE_SPEC.match(self.device):
@@ -314,13 +437,16 @@ class LaunchConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "ensemble",
+)
 class EnsembleConfig:
     """The deep ensemble (Lakshminarayanan et al. 2017): ``members`` independent fine-tuning
     runs, the study's own (``finetune.seed``) and ``members - 1`` more with seeds
     ``finetune.seed + 1, ...`` (LoRA initialisation, batch order and dropout); their final MAP
     predictions are averaged. 1: no extra run (the ensemble is the MAP itself, not reported)."""
 
-    members: int = 1
+    members: int
 
     def __post_init__(self) -> None:
         if self.members < 1:
@@ -332,19 +458,22 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "kfac",
+)
 class KfacConfig:
     """Kronecker factors: Fisher type, low-rank update, rank ``k``; sides up to ``max_dense`` are
     kept dense (exact), larger ones low-rank; ``normalisation``: what divides the input factor
     (``rows``: the non-padding rows; ``sequences``, ``sequences_padded``: the number of
     sequences, the latter with padding rows summed in, as the paper's code has it)."""
 
-    fisher: Literal["exact", "mc", "empirical"] = "exact"
-    update: Literal["svd", "nystrom"] = "nystrom"
-    rank: int = 10
-    max_dense: int = 4096
-    batch_size: int = 8
-    seed: int = 0
-    normalisation: Literal["rows", "sequences", "sequences_padded"] = "rows"
+    fisher: Literal["exact", "mc", "empirical"]
+    update: Literal["svd", "nystrom"]
+    rank: int
+    max_dense: int
+    batch_size: int
+    seed: int
+    normalisation: Literal["rows", "sequences", "sequences_padded"]
 
     def __post_init__(self) -> None:
         if self.rank <= 0 or self.max_dense < 0 or self.batch_size <= 0:
@@ -352,6 +481,9 @@ class KfacConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "prior",
+)
 class PriorConfig:
     """The prior N(mu, 1/lambda): precision tuned by marginal likelihood or validation NLL,
     one for all weights (``scalar``) or one per LoRA module (``layerwise``); centred at zero or
@@ -360,13 +492,13 @@ class PriorConfig:
     (``evidence: linear``, Antoran et al. 2022: the prior penalises theta* - mu only where the
     data constrain it)."""
 
-    method: Literal["marglik", "val_nll"] = "val_nll"
-    evidence: Literal["standard", "linear"] = "standard"
-    structure: Literal["scalar", "layerwise"] = "scalar"
-    mean: Literal["zero", "init"] = "init"
-    log10_min: float = -4.0
-    log10_max: float = 6.0
-    grid: int = 41
+    method: Literal["marglik", "val_nll"]
+    evidence: Literal["standard", "linear"]
+    structure: Literal["scalar", "layerwise"]
+    mean: Literal["zero", "init"]
+    log10_min: float
+    log10_max: float
+    grid: int
 
     def __post_init__(self) -> None:
         if not self.log10_min < self.log10_max or self.grid < 3:
@@ -374,12 +506,15 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+@_conf_defaults(
+    "predictive",
+)
 class PredictiveConfig:
     """Linearised predictive: Monte Carlo over the logit Gaussian, or probit."""
 
-    link: Literal["mc", "probit"] = "mc"
-    samples: int = 10000
-    seed: int = 0
+    link: Literal["mc", "probit"]
+    samples: int
+    seed: int
 
     def __post_init__(self) -> None:
         if self.samples <= 0:
@@ -389,8 +524,9 @@ class PredictiveConfig:
 @dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``. Loaded by :func:`load_params`, every section must be present;
-    the defaults here equal the composed ``conf/`` (tested). ``datasets`` names the entries of
-    ``data`` that the study runs (each is prepared, fine-tuned on and evaluated on its own)."""
+    the sections' defaults are ``conf/``'s (:func:`_conf_defaults`). ``datasets`` names the
+    entries of ``data`` that the study runs (each is prepared, fine-tuned on and evaluated on
+    its own)."""
 
     models: tuple[str, ...]
     datasets: tuple[str, ...]
@@ -532,64 +668,6 @@ class Params:
         if name not in self.data:
             raise ConfigError(f"unknown dataset {name!r}; data has {sorted(self.data)}")
         return self.data[name]
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: unions are not supported in params")
-    if tp is float:
-        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value.strip()):
-            value = float(value)  # 1e-4: a float in YAML 1.2 (DVC), a string to PyYAML
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return float(value)
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-    if not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _from_dict(cls: type[T], raw: Any, key: str) -> T:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{key}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{key}.{k}" if key else k) for k, v in raw.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # a required key is missing
-        raise ConfigError(f"{key or 'params'}: {err}") from None
-    except ConfigError as err:
-        raise ConfigError(
-            f"{key}: {err}" if key and not str(err).startswith(key) else str(err)
-        ) from None
 
 
 def load_section(cls: type[T], raw: Any, key: str) -> T:
