@@ -43,7 +43,21 @@ def resolve_dir(folder: str | Path, root: Path) -> Path:
 class Layout:
     """Where the study keeps one model's artifacts for one dataset, under ``root`` (the
     project or an experiment's workspace): the paths ``dvc.yaml`` gives the stages (a test
-    holds the two equal)."""
+    holds the two equal)::
+
+        data/<dataset>/{train,val,test}.jsonl                split(name): prepared prompts
+        models/<model>/<dataset>/checkpoints/step-<N>/       checkpoints(): training state
+        models/<model>/<dataset>/adapters/step-<N>/          adapter(N): exported PEFT adapter
+        models/<model>/<dataset>/kfac/step-<N>/              kfac(N): Kronecker factors
+        models/<model>/<dataset>/prior/step-<N>.json         prior(N): tuned priors, temperature
+        metrics/checkpoints/<model>/<dataset>/step-<N>.json  metrics(N): every method's scores
+        predictions/<model>/<dataset>/step-<N>.safetensors   predictions(N): per example
+        plots/train_loss/<model>/<dataset>.csv               train_loss()
+        models/<model>/<dataset>/members/seed-<s>/           members(): the ensemble's runs
+        predictions/members/<model>/<dataset>/               member_predictions()
+        metrics/shift/<model>/<dataset>.json                 shift_metrics()
+        predictions/shift/<model>/<dataset>/                 shift_predictions()
+    """
 
     model: str
     dataset: str

@@ -1,17 +1,7 @@
-"""Helpers the pipeline stages share: artifact paths, batching, loading an adapted model.
-
-Artifact layout (``dvc.yaml`` names the same paths):
-
-    data/<dataset>/{train,val,test}.jsonl                prepared prompts (first line: answers)
-    models/<model>/<dataset>/checkpoints/step-<N>/       training checkpoints (adapter, trainer)
-    models/<model>/<dataset>/adapters/step-<N>/          exported PEFT adapters
-    models/<model>/<dataset>/kfac/step-<N>/              Kronecker factors (no prior yet)
-    models/<model>/<dataset>/prior/step-<N>.json         tuned prior precision and log Z
-    metrics/checkpoints/<model>/<dataset>/step-<N>.json  every method's metrics
-    predictions/<model>/<dataset>/step-<N>.safetensors   per-example probabilities per method
-    models/<model>/<dataset>/members/seed-<s>/           the deep ensemble's extra runs
-    predictions/members/<model>/<dataset>/               their final MAP predictions
-    predictions/shift/<model>/<dataset>/<target>...      the shift stage's predictions
+"""Helpers the pipeline stages share: batching, tokenisation records, loading an adapted
+model and a prepared split, the memory check before a model loads, run fingerprints. Where
+each artifact lives is :class:`lalora.paths.Layout`'s (the paths ``dvc.yaml`` gives the stages,
+tested equal).
 """
 
 from __future__ import annotations
