@@ -8,10 +8,8 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.distributed import finish, init
-from lalora.errors import NonFiniteError
+from lalora.factors import fit_checkpoint
 from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.laplace import fit_kfac
-from lalora.pipeline import load_split_run
 
 
 def main() -> None:
@@ -25,27 +23,7 @@ def main() -> None:
 
     params = load_params(args.params)
     dist = init()
-    cfg = params.kfac
-    split = load_split_run(
-        params, args.model, args.adapter, args.data, cfg.batch_size, stage="fit_kfac"
-    )
-    try:
-        post = fit_kfac(
-            split.model,
-            split.batches,
-            split.logits_fn,
-            split.modules,
-            fisher=cfg.fisher,
-            rank=cfg.rank,
-            max_dense=cfg.max_dense,
-            update=cfg.update,
-            seed=cfg.seed,
-            normalisation=cfg.normalisation,
-            progress=dist.main,
-            dist=dist,
-        )
-    except NonFiniteError as err:
-        raise NonFiniteError(f"{args.model} ({args.adapter}): {err}") from None
+    post = fit_checkpoint(params, args.model, args.adapter, args.data, dist)
     if dist.main:
         clean_staging(args.out.parent, args.out.name)
         tmp = staging_dir(args.out)
