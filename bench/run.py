@@ -49,8 +49,9 @@ def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[str]]:
-    """Sections 1 and 2: ours against the floor, and against the reference."""
+def _time_phases(args, s: workloads.Setup, with_reference: bool) -> Timings:
+    """Every phase of sections 1 and 2, ``args.repeats`` times, each repeat's measurements
+    taken one after the other."""
     t = Timings()
     post = None
     for rep in range(args.repeats):
@@ -85,21 +86,12 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
             )
             t.add("ref predictive", smp)
 
-    ep, mp = t.get("epoch"), t.get("map")
-    lines = [
-        "### 1. Against the floor",
-        "",
-        "Floors for C = 2 choices: factor fit / epoch = 1 (one forward, C - 1 = 1 backward, "
-        "as training); predictive / MAP = 2 (one forward and one backward against one "
-        "forward). Goal: within 1.2x of each. Ratio: the median over repeats of each repeat's "
-        "paired ratio (its two measurements taken one after the other).",
-        "",
-        _row("phase", "median s", "peak MiB", "ratio", "floor", "goal"),
-        _row("---", "---:", "---:", "---:", "---:", "---"),
-        _row(
-            "fine-tuning epoch (fwd + bwd)", f"{ep.seconds:.2f}", f"{ep.peak_mib:.0f}", "1", "", ""
-        ),
-    ]
+    return t
+
+
+def _fit_rows(args, t: Timings) -> list[str]:
+    """Section 1's factor-fit rows: each low-rank update against an epoch."""
+    lines = []
     for key, label in (
         ("fit dense", f"dense sides up to {args.max_dense} (the default), {args.update} beyond"),
         ("fit svd", f"sides >= {args.threshold} low-rank, svd"),
@@ -117,6 +109,28 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
                 "met" if r <= 1.2 else "missed",
             )
         )
+    return lines
+
+
+def _floor_table(args, t: Timings) -> list[str]:
+    """Section 1: each phase against its floor (an epoch for the fit, the MAP pass for the
+    predictive)."""
+    ep, mp = t.get("epoch"), t.get("map")
+    lines = [
+        "### 1. Against the floor",
+        "",
+        "Floors for C = 2 choices: factor fit / epoch = 1 (one forward, C - 1 = 1 backward, "
+        "as training); predictive / MAP = 2 (one forward and one backward against one "
+        "forward). Goal: within 1.2x of each. Ratio: the median over repeats of each repeat's "
+        "paired ratio (its two measurements taken one after the other).",
+        "",
+        _row("phase", "median s", "peak MiB", "ratio", "floor", "goal"),
+        _row("---", "---:", "---:", "---:", "---:", "---"),
+        _row(
+            "fine-tuning epoch (fwd + bwd)", f"{ep.seconds:.2f}", f"{ep.peak_mib:.0f}", "1", "", ""
+        ),
+    ]
+    lines += _fit_rows(args, t)
     pr, fb = t.get("predictive"), t.get("fwd+bwd")
     r_pr, r_fb = t.ratio("predictive", "map"), t.ratio("fwd+bwd", "map")
     r_pf = t.ratio("predictive", "fwd+bwd")
@@ -148,53 +162,66 @@ def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[
         ),
         "",
     ]
+    return lines
+
+
+def _reference_table(args, t: Timings) -> list[str]:
+    """Section 2: ours against bayesian-lora's fit and predictive, time and memory."""
+    ep, mp, pr = t.get("epoch"), t.get("map"), t.get("predictive")
+    rf, rp = t.get("ref fit"), t.get("ref predictive")
+    ours_fit = t.get(f"fit {args.update}")
+    return [
+        f"### 2. Against bayesian-lora 0.0.6 (same model, same batches, rank {args.rank})",
+        "",
+        _row(
+            "phase",
+            "ours s",
+            "theirs s",
+            "ours/theirs time",
+            "ours MiB",
+            "theirs MiB",
+            "ours/theirs memory",
+            "goal",
+        ),
+        _row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---"),
+        _row(
+            f"factor fit (ours: exact Fisher, all positions, {args.update})",
+            f"{ours_fit.seconds:.2f}",
+            f"{rf.seconds:.2f}",
+            f"{ours_fit.seconds / rf.seconds:.2f}",
+            f"{ours_fit.peak_mib:.0f}",
+            f"{rf.peak_mib:.0f}",
+            f"{ours_fit.peak_bytes / max(rf.peak_bytes, 1):.2f}",
+            "time <= 1: " + ("met" if ours_fit.seconds <= rf.seconds else "missed"),
+        ),
+        _row(
+            "predictive",
+            f"{pr.seconds:.2f}",
+            f"{rp.seconds:.2f}",
+            f"{pr.seconds / rp.seconds:.3f}",
+            f"{pr.peak_mib:.0f}",
+            f"{rp.peak_mib:.0f}",
+            f"{pr.peak_bytes / max(rp.peak_bytes, 1):.3f}",
+            "time <= 0.2 and memory < 0.33: "
+            + (
+                "met"
+                if pr.seconds <= 0.2 * rp.seconds and pr.peak_bytes < rp.peak_bytes / 3
+                else "missed"
+            ),
+        ),
+        "",
+        f"Their predictive takes {rp.seconds / mp.seconds:.1f}x the MAP evaluation; "
+        f"their factor fit {rf.seconds / ep.seconds:.2f}x an epoch.",
+        "",
+    ]
+
+
+def cost(args, s: workloads.Setup, with_reference: bool) -> tuple[Timings, list[str]]:
+    """Sections 1 and 2: ours against the floor, and against the reference."""
+    t = _time_phases(args, s, with_reference)
+    lines = _floor_table(args, t)
     if with_reference:
-        rf, rp = t.get("ref fit"), t.get("ref predictive")
-        ours_fit = t.get(f"fit {args.update}")
-        lines += [
-            f"### 2. Against bayesian-lora 0.0.6 (same model, same batches, rank {args.rank})",
-            "",
-            _row(
-                "phase",
-                "ours s",
-                "theirs s",
-                "ours/theirs time",
-                "ours MiB",
-                "theirs MiB",
-                "ours/theirs memory",
-                "goal",
-            ),
-            _row("---", "---:", "---:", "---:", "---:", "---:", "---:", "---"),
-            _row(
-                f"factor fit (ours: exact Fisher, all positions, {args.update})",
-                f"{ours_fit.seconds:.2f}",
-                f"{rf.seconds:.2f}",
-                f"{ours_fit.seconds / rf.seconds:.2f}",
-                f"{ours_fit.peak_mib:.0f}",
-                f"{rf.peak_mib:.0f}",
-                f"{ours_fit.peak_bytes / max(rf.peak_bytes, 1):.2f}",
-                "time <= 1: " + ("met" if ours_fit.seconds <= rf.seconds else "missed"),
-            ),
-            _row(
-                "predictive",
-                f"{pr.seconds:.2f}",
-                f"{rp.seconds:.2f}",
-                f"{pr.seconds / rp.seconds:.3f}",
-                f"{pr.peak_mib:.0f}",
-                f"{rp.peak_mib:.0f}",
-                f"{pr.peak_bytes / max(rp.peak_bytes, 1):.3f}",
-                "time <= 0.2 and memory < 0.33: "
-                + (
-                    "met"
-                    if pr.seconds <= 0.2 * rp.seconds and pr.peak_bytes < rp.peak_bytes / 3
-                    else "missed"
-                ),
-            ),
-            "",
-            f"Their predictive takes {rp.seconds / mp.seconds:.1f}x the MAP evaluation; "
-            f"their factor fit {rf.seconds / ep.seconds:.2f}x an epoch.",
-            "",
-        ]
+        lines += _reference_table(args, t)
     return t, lines
 
 

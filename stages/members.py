@@ -11,8 +11,7 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.distributed import finish, init
-from lalora.io import atomic_write_json, save_predictions
-from lalora.members import train_member
+from lalora.members import train_members
 from lalora.provenance import code_fingerprint
 
 
@@ -28,23 +27,8 @@ def main() -> None:
 
     params = load_params(args.params)
     dist = init()
-    seeds = params.ensemble.seeds(params.finetune)
     code = code_fingerprint(Path(__file__))
-    args.out.mkdir(parents=True, exist_ok=True)
-    for seed in seeds:
-        probs, labels, ids = train_member(
-            params, args.model, args.train, args.test, args.out / f"seed-{seed}", seed, code, dist
-        )
-        if not dist.main:
-            continue
-        save_predictions(
-            args.predictions / f"seed-{seed}.safetensors", {"map": probs}, labels, ids,
-            {"seed": seed, "step": params.finetune.steps},
-        )  # fmt: skip
-        print(f"{args.model} member seed {seed}: trained {params.finetune.steps} steps")
-    if dist.main:
-        atomic_write_json(args.out / "members.json", {"seeds": seeds})
-        atomic_write_json(args.predictions / "members.json", {"seeds": seeds})
+    train_members(params, args.model, args.train, args.test, args.out, args.predictions, code, dist)
     finish(dist)
 
 

@@ -1,5 +1,5 @@
 """Stage prepare@<dataset>: prompts for train, validation (optional, carved from train) and
-test."""
+test (:mod:`lalora.splits`)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,8 @@ import argparse
 from pathlib import Path
 
 from lalora.cli import run
-from lalora.config import DataConfig, load_params
-from lalora.data import answers_of, load_splits, split_validation, write_split
-
-
-def prepare(cfg: DataConfig, out: Path) -> dict[str, int]:
-    """Write ``{out}/{train,val,test}.jsonl``; returns the split sizes."""
-    train, test = load_splits(cfg)
-    train, val = split_validation(train, cfg.val_size, cfg.seed)
-    for name, examples in (("train", train), ("val", val), ("test", test)):
-        write_split(out / f"{name}.jsonl", examples, answers_of(cfg))
-    return {"train": len(train), "val": len(val), "test": len(test)}
+from lalora.config import load_params
+from lalora.splits import prepare
 
 
 def main() -> None:

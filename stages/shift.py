@@ -11,9 +11,9 @@ from pathlib import Path
 from lalora.cli import run
 from lalora.config import load_params
 from lalora.distributed import finish, init
-from lalora.io import atomic_write_json, save_predictions
+from lalora.io import atomic_write_json
 from lalora.paths import Layout
-from lalora.shift import score_targets
+from lalora.shift import save_shifted, score_targets
 
 
 def main() -> None:
@@ -28,18 +28,13 @@ def main() -> None:
 
     params = load_params(args.params)
     dist = init()
-    result = {}
-    for shifted in score_targets(params, Layout(args.model, args.dataset, args.root), dist):
-        ev, path = shifted.evaluation, args.predictions / f"{shifted.target}.safetensors"
-        save_predictions(path, ev.probs, ev.labels, ev.ids, ev.info)
-        result[shifted.target] = shifted.metrics
-        print(
-            f"{args.model} {args.dataset} -> {shifted.target}: "
-            + ", ".join(f"{m} nll={shifted.metrics[m]['nll']:.3f}" for m in ev.probs)
-        )
+    shifted = []
+    for one in score_targets(params, Layout(args.model, args.dataset, args.root), dist):
+        shifted.append(one)
+        scores = ", ".join(f"{m} nll={one.metrics[m]['nll']:.3f}" for m in one.evaluation.probs)
+        print(f"{args.model} {args.dataset} -> {one.target}: {scores}")
     if dist.main:
-        atomic_write_json(args.predictions / "targets.json", sorted(result))
-        atomic_write_json(args.out, result)
+        atomic_write_json(args.out, save_shifted(shifted, args.predictions))
     finish(dist)
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from lalora.cli import run
 from lalora.config import load_params
-from lalora.data import source_digest
-from lalora.io import atomic_write_json
+from lalora.splits import write_digests
 
 
 def main() -> None:
@@ -19,10 +18,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", type=Path, required=True, help="a folder")
     args = parser.parse_args()
-    params = load_params(args.params)
-    root = Path(args.params).parent
-    for name in params.scored():
-        atomic_write_json(args.out / f"{name}.json", source_digest(params.dataset(name), root))
+    write_digests(load_params(args.params), Path(args.params).parent, args.out)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def test_n_train_and_n_test_take_seeded_subsets():
 def test_four_choices_run_the_laplace_path_on_a_tiny_model(tmp_path):
     """C = 4: prepare a local OpenBookQA-format folder, fit (C - 1 = 3 backward passes per
     batch), tune and predict; every probability row sums to one and varies with the input."""
-    from prepare import prepare
+    from lalora.splits import prepare
 
     folder = tmp_path / "obqa"
     folder.mkdir()

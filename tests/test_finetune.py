@@ -81,10 +81,10 @@ def test_foreign_checkpoints_are_moved_aside_not_deleted(tmp_path):
 
 
 def test_export_gives_a_peft_folder_that_loads(tmp_path):
-    from export import export
+    from lalora.export import export_adapter
 
     model, _ = run(tmp_path / "c")
-    export(tmp_path / "c" / "step-6", tmp_path / "adapter")
+    export_adapter(tmp_path / "c", 6, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",

@@ -152,8 +152,9 @@ def test_a_posterior_with_a_bad_eigenvalue_is_refused_naming_the_file(tmp_path, 
 
 
 def test_export_refuses_an_adapter_with_non_finite_weights(tmp_path):
-    from export import export
     from safetensors.torch import load_file, save_file
+
+    from lalora.export import export_adapter
 
     out = tmp_path / "c"
     tiny_train(out)
@@ -163,7 +164,7 @@ def test_export_refuses_an_adapter_with_non_finite_weights(tmp_path):
     weights[name][0, 0] = float("inf")
     save_file(weights, str(path))
     with pytest.raises(ArtifactError, match=rf"non-finite values in {name}.*finetune"):
-        export(out / "step-2", tmp_path / "adapter")
+        export_adapter(out, 2, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
@@ -381,7 +382,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_last_intact_one(tmp_path, 
 
 
 def test_truncated_factors_and_adapters_name_the_file_and_the_stage(tmp_path):
-    from export import export
+    from lalora.export import export_adapter
 
     small_posterior().save(tmp_path / "post")
     truncate(tmp_path / "post" / "factors.safetensors")
@@ -395,9 +396,9 @@ def test_truncated_factors_and_adapters_name_the_file_and_the_stage(tmp_path):
     tiny_train(out)
     truncate(out / "step-2" / "adapter" / "adapter_model.safetensors")
     with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: unreadable.*finetune"):
-        export(out / "step-2", tmp_path / "adapter")
+        export_adapter(out, 2, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
-    export(out / "step-4", tmp_path / "adapter")
+    export_adapter(out, 4, tmp_path / "adapter")
     truncate(tmp_path / "adapter" / "adapter_model.safetensors", 0.9)
     _, base = load_card_model(CARD)
     with pytest.raises(ArtifactError, match=r"adapter_model\.safetensors: unreadable.*export"):
@@ -506,9 +507,9 @@ def test_sigkill_during_a_checkpoint_save_and_fit_kfac_then_rerun(tmp_path):
     assert (tmp_path / "killed.csv").read_text() == (tmp_path / "full.csv").read_text()
     assert not staging_left(tmp_path / "killed")
 
-    from export import export
+    from lalora.export import export_adapter
 
-    export(tmp_path / "full" / "step-4", tmp_path / "adapter")
+    export_adapter(tmp_path / "full", 4, tmp_path / "adapter")
     fk = ["--params", str(params), "--model", "tiny", "--adapter", "adapter"]
     fk += ["--data", "data/train.jsonl"]
     assert stage("fit_kfac", *fk, "--out", "kfac/full", cwd=tmp_path).returncode == 0

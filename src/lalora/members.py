@@ -55,3 +55,31 @@ def train_member(
     probs = map_batches(lambda _, b: map_probs(model, [b], ids), test_batches, d)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return probs, labels, [e.id for e in examples]
+
+
+def train_members(
+    params: Params, model_name: str, train_path: Path, test_path: Path, out: Path,
+    predictions: Path, code: str, dist: Dist | None = None,
+) -> list[int]:  # fmt: skip
+    """Every extra member of ``ensemble`` (:func:`train_member`, seeds ``finetune.seed + 1,
+    ...``): its run in ``out/seed-<s>/``, its final MAP predictions in
+    ``predictions/seed-<s>.safetensors``, and the list of seeds in ``members.json`` of both
+    folders (empty with ``ensemble.members: 1``). Returns the seeds."""
+    from lalora.io import atomic_write_json, save_predictions
+
+    d = dist or SINGLE
+    seeds = params.ensemble.seeds(params.finetune)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        run = out / f"seed-{seed}"
+        probs, labels, ids = train_member(params, model_name, train_path, test_path, run, seed,
+                                          code, d)  # fmt: skip
+        if d.main:
+            meta = {"seed": seed, "step": params.finetune.steps}
+            save_predictions(predictions / f"seed-{seed}.safetensors", {"map": probs}, labels,
+                             ids, meta)  # fmt: skip
+            print(f"{model_name} member seed {seed}: trained {params.finetune.steps} steps")
+    if d.main:
+        atomic_write_json(out / "members.json", {"seeds": seeds})
+        atomic_write_json(predictions / "members.json", {"seeds": seeds})
+    return seeds

@@ -85,3 +85,17 @@ def score_targets(params: Params, layout: Layout, dist: Dist = SINGLE) -> Iterat
             yield Shifted(target, metrics, ev)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def save_shifted(shifted: list[Shifted], predictions: Path) -> dict[str, dict]:
+    """Each target's per-example predictions in ``predictions/<target>.safetensors`` and the
+    list of targets in ``predictions/targets.json``; returns ``{target: metrics}``, the shift
+    stage's metrics file."""
+    from lalora.io import atomic_write_json, save_predictions
+
+    for s in shifted:
+        ev = s.evaluation
+        save_predictions(predictions / f"{s.target}.safetensors", ev.probs, ev.labels, ev.ids,
+                         ev.info)  # fmt: skip
+    atomic_write_json(predictions / "targets.json", sorted(s.target for s in shifted))
+    return {s.target: s.metrics for s in shifted}
