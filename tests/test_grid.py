@@ -1,0 +1,269 @@
+"""The study across machines: a DVC remote shared by two clones, a grid of experiments run as
+submitit jobs (its local executor) that push to a git remote and a DVC remote, collected in
+another clone; a job killed mid fine-tune resumes from its mirrored checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lalora.collect import markdown, summarise
+from lalora.grid import GridError, load_grid, plan
+from lalora.remote import Mirror, RemoteError, check_plugin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, obj) -> Path:
+    path.write_text(yaml.safe_dump(obj) if not isinstance(obj, str) else obj)
+    return path
+
+
+def test_the_paper_grid_has_its_jobs_and_hours(capsys):
+    grid = load_grid(ROOT / "conf" / "sweep" / "paper.yaml")
+    rows, table = plan(ROOT, grid)
+    assert len(rows) == 4 * 6 * 3 == len({c.name for c, _ in rows})
+    cell, res = rows[0]
+    assert cell.overrides[:3] == ("model=llama2-7b", "data=winogrande_s", "finetune.seed=0")
+    assert "finetune.steps=2500" in cell.overrides
+    assert res.gpus == 1 and res.timeout_min > 60 * res.hours
+    assert "total: 72 jobs" in table
+    hours = sum(r.hours for _, r in rows)
+    assert f"{hours:.1f} GPU-hours" in table
+
+
+def test_resources_follow_the_card_and_the_overrides(tmp_path):
+    spec = yaml.safe_load((ROOT / "conf" / "sweep" / "paper.yaml").read_text())
+    spec.update(models=["llama2-7b", "phi2"], datasets=["obqa"], seeds=[0],
+                resources={"partition": "a100", "timeout_min": 99})  # fmt: skip
+    rows, _ = plan(ROOT, load_grid(write(tmp_path / "g.yaml", spec)))
+    (_, big), (_, small) = rows
+    assert big.gpu_memory_gb > small.gpu_memory_gb and big.hours > small.hours
+    assert big.partition == "a100" and big.timeout_min == small.timeout_min == 99
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"models": []}, "'models' must be a non-empty list"),
+        ({"models": ["a b"]}, "not a plain name"),
+        ({"seeds": ["x"]}, "'seeds' must be a list of integers"),
+        ({"colour": 1}, "unknown key(s) ['colour']"),
+        ({"resources": {"gpu": 2}}, "resources: unknown key(s) ['gpu']"),
+        ({"overrides": ["finetune.lr"]}, "key=value"),
+        ({"throughput_tflops": 0}, "positive number"),
+    ],
+)
+def test_a_bad_grid_file_is_refused_by_name(tmp_path, edit, message):
+    spec = {"name": "g", "models": ["smollm2-135m"], "datasets": ["generated"], **edit}
+    with pytest.raises(GridError, match=None) as err:
+        load_grid(write(tmp_path / "g.yaml", spec))
+    assert message in str(err.value)
+
+
+def test_the_grid_table_is_the_mean_and_sample_sd_over_seeds(tmp_path):
+    grid = load_grid(write(tmp_path / "g.yaml", {"name": "g", "models": ["m"],
+                                                  "datasets": ["d"], "seeds": [0, 1]}))  # fmt: skip
+    cells = pd.DataFrame([
+        {"model": "m", "dataset": "d", "seed": s, "step": 4, "method": k, "acc": a, "nll": n,
+         "ece": e, "brier": 0.1}
+        for s, (a, n, e) in enumerate([(0.5, 0.7, 0.1), (0.7, 0.5, 0.3)])
+        for k in ("la_val", "map")
+    ])  # fmt: skip
+    summary = summarise(cells)
+    assert list(summary.method) == ["map", "la_val"]
+    row = summary.iloc[0]
+    assert row.seeds == 2 and row.nll_mean == pytest.approx(0.6)
+    assert row.nll_sd == pytest.approx(0.1414213, rel=1e-6)
+    assert "| m | d | MAP | 2 | 4 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.200 ± 0.141 |" in markdown(
+        grid, summary
+    )
+
+
+def test_a_plugin_remote_without_its_plugin_names_the_extra():
+    pytest.importorskip("dvc")
+    try:
+        import dvc_s3  # noqa: F401
+    except ImportError:
+        with pytest.raises(RemoteError, match=r"pip install -e '\.\[s3\]'"):
+            check_plugin("s3://bucket/study")
+    check_plugin("/a/folder")
+
+
+def dvc_init(folder: Path, remote: Path) -> None:
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["git", "init", "-q"], [*dvc, "init", "-q"],
+                 [*dvc, "remote", "add", "-d", "r", str(remote)]):  # fmt: skip
+        subprocess.run(args, cwd=folder, check=True, capture_output=True)
+
+
+def test_the_mirror_restores_completed_checkpoints_only(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for p in (a, b):
+        p.mkdir()
+        dvc_init(p, tmp_path / "remote")
+    ck = a / "models" / "m" / "d" / "checkpoints"
+    for step in (0, 2):
+        (ck / f"step-{step}" / "adapter").mkdir(parents=True)
+        (ck / f"step-{step}" / "trainer.json").write_text(json.dumps({"step": step}))
+        (ck / f"step-{step}" / "adapter" / "w.bin").write_bytes(bytes(range(step, 200)))
+    (ck / ".step-4.staging-1").mkdir()  # an interrupted save: never mirrored
+    (ck / "step-6").mkdir()  # no trainer.json: not a checkpoint
+    patterns = ("models/m/d/checkpoints/step-*", "models/m/d/members/seed-*/step-*")
+    sent = Mirror(a, "g/cell", patterns).push()
+    assert sent == ["models/m/d/checkpoints/step-0", "models/m/d/checkpoints/step-2"]
+    assert Mirror(a, "g/cell", patterns).push() != []  # a new job sends again
+    got = Mirror(b, "g/cell", patterns).restore()
+    assert got == sent
+    for step in (0, 2):
+        for f in ("trainer.json", "adapter/w.bin"):
+            rel = f"models/m/d/checkpoints/step-{step}/{f}"
+            assert (b / rel).read_bytes() == (a / rel).read_bytes()
+    assert not (b / "models/m/d/checkpoints/step-6").exists()
+    assert Mirror(b, "g/other", patterns).restore() == []
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+def sh(args, cwd: Path, env: dict) -> str:
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))}:\n{res.stdout[-4000:]}\n"
+                             f"{res.stderr[-4000:]}")  # fmt: skip
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Clone A of a tiny study (two tiny models, 2 fine-tuning steps) with a bare git remote
+    and a folder DVC remote; hydra off, so -S edits params.yaml."""
+    from tests.test_pipeline_e2e import TINY, make_repo
+
+    def two_models(_, params):
+        params["models"] = ["tiny-a"]
+        params["zoo"] = {
+            "tiny-a": {**TINY, "arch": "llama"},
+            "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
+        }
+        params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
+
+    a, env = make_repo(tmp_path_factory, two_models)
+    top = a.parent
+    bare, remote = top / "origin.git", top / "dvc-remote"
+    dvc = [sys.executable, "-m", "dvc"]
+    sh(["git", "init", "-q", "--bare", str(bare)], top, env)
+    sh([*dvc, "config", "hydra.enabled", "false"], a, env)
+    sh([sys.executable, "-m", "lalora.remote", str(remote)], a, env)
+    sh(["git", "remote", "add", "origin", str(bare)], a, env)
+    return a, env, bare, remote
+
+
+def commit_and_push(repo: Path, env: dict, message: str) -> None:
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo, env)
+    sh(["git", "push", "-q", "origin", "HEAD:main"], repo, env)
+
+
+def clone(study, name: str) -> Path:
+    a, env, bare, remote = study
+    b = a.parent / name
+    sh(["git", "clone", "-q", str(bare), str(b)], a.parent, env)
+    sh([sys.executable, "-m", "lalora.remote", str(remote)], b, env)
+    return b
+
+
+@pytest.mark.slow
+def test_a_pulled_study_reruns_nothing_and_its_checkpoints_are_the_same_run(study):
+    a, env, _, _ = study
+    dvc = [sys.executable, "-m", "dvc"]
+    sh([*dvc, "repro"], a, env)
+    sh([*dvc, "push"], a, env)
+    commit_and_push(a, env, "study")
+    b = clone(study, "b")
+    benv = {**env, "PYTHONPATH": str(b / "src")}
+    sh([*dvc, "pull"], b, benv)
+    out = sh([*dvc, "repro"], b, benv)
+    import re
+
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == {"sources"}, out
+    for rel in ("predictions/tiny-a/generated/step-2.safetensors",
+                "models/tiny-a/generated/kfac/step-2/factors.safetensors",
+                "metrics/summary.json"):  # fmt: skip
+        if (a / rel).exists():
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    # the pulled checkpoints are taken as this run's: a forced fine-tune resumes at the last
+    # one (nothing saved again, nothing moved aside) and leaves the study up to date
+    ck = b / "models" / "tiny-a" / "generated" / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ck.glob("step-*/trainer.json")}
+    sh([*dvc, "repro", "-f", "-s", "finetune@tiny-a-generated"], b, benv)
+    assert {p: p.stat().st_mtime_ns for p in ck.glob("step-*/trainer.json")} == before
+    assert not list(ck.parent.glob("checkpoints.stale-*"))
+    status = json.loads(sh([*dvc, "status", "--json"], b, benv).split("\n", 1)[0] or "{}")
+    assert set(status) <= {"sources"}, status
+
+
+GRID = {
+    "name": "g",
+    "models": ["tiny-a", "tiny-b"],
+    "datasets": ["generated"],
+    "seeds": [0, 1],
+    "axes": {"model": "models=[{}]", "dataset": "datasets=[{}]"},
+    "overrides": ["finetune.steps=4", "finetune.save_every=2", "checkpoints=[0,2,4]"],
+}
+
+
+@pytest.mark.slow
+def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(study):
+    """submitit's local executor runs the 2 x 1 x 2 grid; the cell tiny-b, seed 1 is killed
+    after its step-2 checkpoint and resubmitted, and resumes from the mirrored checkpoints.
+    Clone C pulls every experiment; its tables equal those of clone A running the same cells
+    one after another."""
+    a, env, _, _ = study
+    grid_file = write(a / "conf" / "sweep" / "g.yaml", GRID)
+    commit_and_push(a, env, "grid")
+    killed = "g-tiny-b-generated-s1"
+    kenv = {**env, "PYTHONPATH": f"{ROOT / 'tests' / 'grid_kill'}{os.pathsep}{env['PYTHONPATH']}",
+            "LALORA_TEST_KILL_CELL": killed, "LALORA_TEST_KILL_STEP": "2",
+            "LALORA_TEST_KILL_MARKER": str(a.parent / "killed")}  # fmt: skip
+    start = time.monotonic()
+    out = sh([sys.executable, "-m", "lalora.grid", "submit", grid_file, "--executor", "local",
+              "--wait", "--retries", "1", "--sync-seconds", "1"], a, kenv)  # fmt: skip
+    print(f"grid submit: {time.monotonic() - start:.0f} s\n{out}")
+    assert (a.parent / "killed").exists()
+    assert f"{killed} failed; resubmitted" in out
+    assert out.count("landed") >= 4
+    logs = a / ".dvc" / "tmp" / "grid" / "g"
+    text = "\n".join(p.read_text() for p in logs.glob("*_log.out"))
+    assert "restored models/tiny-b/generated/checkpoints/step-2 from the remote" in text
+    assert "another configuration" not in text and "rejected" not in text
+    # every cell lands in the collecting clone's dvc exp show
+    c = clone(study, "c")
+    cenv = {**env, "PYTHONPATH": str(c / "src")}
+    sh([sys.executable, "-m", "lalora.grid", "collect", c / "conf/sweep/g.yaml"], c, cenv)
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], c, cenv))
+    from tests.test_pipeline_e2e import experiments
+
+    names = {e.get("name") for e in experiments(shown)}
+    cells = [f"g-{m}-generated-s{s}" for m in ("tiny-a", "tiny-b") for s in (0, 1)]
+    assert set(cells) <= names
+    # the same cells one after another in clone A's workspace
+    for cell in load_grid(grid_file).cells():
+        args = [sys.executable, "-m", "dvc", "exp", "run", "-n", f"{cell.name}"]
+        sh([*args, *[x for o in cell.overrides for x in ("-S", o)]], a, env)
+    sh([sys.executable, "-m", "lalora.grid", "collect", grid_file, "--no-pull",
+        "--out", a / "grids" / "ref"], a, env)  # fmt: skip
+    got = pd.read_csv(c / "grids" / "g" / "cells.csv")
+    ref = pd.read_csv(a / "grids" / "ref" / "cells.csv")
+    assert len(got) == len(ref) >= 4 * 3 and got.seed.nunique() == 2
+    pd.testing.assert_frame_equal(got, ref, rtol=1e-6)
+    assert (c / "grids/g/grid.md").read_text() == (a / "grids/ref/grid.md").read_text()
+    assert (c / "grids/g/grid.png").stat().st_size > 0
