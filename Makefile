@@ -10,7 +10,7 @@ BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup repro test lint bench gpu-check
+.PHONY: setup repro test lint bench gpu-check remote
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	PYTHONPATH=src $(GPU_PYTHON) -m lalora.gpu_check $(GPU_CHECK_ARGS)
+
+# Point this clone's default DVC remote at $LALORA_REMOTE (a folder, s3://... or ssh://...;
+# README, "Scaling out"); without it, the remote is ../lalora-remote beside the project.
+remote: $(STAMP)
+	$(BIN)/python -m lalora.remote
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests bench

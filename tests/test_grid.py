@@ -160,7 +160,7 @@ def study(tmp_path_factory):
     top = a.parent
     bare, remote = top / "origin.git", top / "dvc-remote"
     dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q", "--bare", str(bare)], top, env)
+    sh(["git", "init", "-q", "--bare", "--initial-branch=main", str(bare)], top, env)
     sh([*dvc, "config", "hydra.enabled", "false"], a, env)
     sh([sys.executable, "-m", "lalora.remote", str(remote)], a, env)
     sh(["git", "remote", "add", "origin", str(bare)], a, env)

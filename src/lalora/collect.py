@@ -86,8 +86,7 @@ def markdown(grid: Grid, summary: pd.DataFrame) -> str:
     rows = [[r.model, r.dataset, METHOD_NAMES.get(r.method, r.method), r.seeds, r.step,
              *(f"{getattr(r, m + '_mean'):.3f} ± {getattr(r, m + '_sd'):.3f}" for m in shown)]
             for r in summary.itertuples()]  # fmt: skip
-    title = (f"# Grid {grid.name}: {len(grid.models)} models x {len(grid.datasets)} datasets x "
-             f"{len(grid.seeds)} seeds (mean ± sd over seeds, final checkpoint)")  # fmt: skip
+    title = f"# Grid {grid.name}: {grid.shape()} (mean ± sd over seeds, final checkpoint)"
     return "\n".join([title, "", *markdown_lines(head, rows)]) + "\n"
 
 

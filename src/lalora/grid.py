@@ -70,6 +70,12 @@ class Grid:
     throughput_tflops: float = 50.0
     executor: dict = field(default_factory=dict)
 
+    def shape(self) -> str:
+        """``2 models x 1 dataset x 3 seeds``."""
+        parts = [(len(self.models), "model"), (len(self.datasets), "dataset"),
+                 (len(self.seeds), "seed")]  # fmt: skip
+        return " x ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in parts)
+
     def cells(self) -> list[Cell]:
         """Every (model, dataset, seed), models outermost."""
         out = []
@@ -237,9 +243,8 @@ def plan(project: Path, grid: Grid) -> tuple[list[tuple[Cell, Resources]], str]:
     """Every cell with its resources, and the table printed before submission: one row per
     model and dataset (its seeds alike), then the job count and GPU-hours."""
     rows = [(c, resources(grid, cell_params(project, c), c)) for c in grid.cells()]
-    lines = [f"grid {grid.name}: {len(rows)} jobs "
-             f"({len(grid.models)} models x {len(grid.datasets)} datasets x {len(grid.seeds)} "
-             f"seeds), time at {grid.throughput_tflops:g} TFLOP/s per GPU (an estimate)",
+    lines = [f"grid {grid.name}: {len(rows)} jobs ({grid.shape()}), time at "
+             f"{grid.throughput_tflops:g} TFLOP/s per GPU (an estimate)",
              "| model | dataset | seeds | GPUs | GPU memory (GB) | host memory (GB) | "
              "hours per job | time limit (min) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (m, d), group in itertools.groupby(rows, key=lambda r: (r[0].model, r[0].dataset)):
