@@ -32,9 +32,8 @@ def pull(project: Path, names: list[str], git_remote: str = "origin",
             project)  # fmt: skip
 
 
-def _experiment_commit(project: Path, name: str) -> str | None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+def _experiment_commit(project: Path, head: str, name: str) -> str | None:
+    """The commit of experiment ``name`` of the baseline ``head``, None if absent."""
     ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
     res = subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref], cwd=project,
                          capture_output=True, text=True)  # fmt: skip
@@ -44,9 +43,11 @@ def _experiment_commit(project: Path, name: str) -> str | None:
 def read_cells(project: Path, cells: list[Cell]) -> pd.DataFrame:
     """One row per cell and method: model, dataset, seed, step, method and the metrics; a cell
     without an experiment of this commit is left out (and named)."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
     rows, missing = [], []
     for cell in cells:
-        commit = _experiment_commit(project, cell.name)
+        commit = _experiment_commit(project, head, cell.name)
         if commit is None:
             missing.append(cell.name)
             continue

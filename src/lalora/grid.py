@@ -34,6 +34,8 @@ from pathlib import Path
 import yaml
 
 from lalora.config import ConfigError, Params, compose, load_section
+from lalora.errors import UserError
+from lalora.memory import DTYPE_BYTES
 
 AXES = {"model": "model={}", "dataset": "data={}", "seed": "finetune.seed={}"}
 RESOURCE_KEYS = ("gpus", "gpu_memory_gb", "memory_gb", "cpus", "timeout_min", "partition",
@@ -207,7 +209,6 @@ def _flops(params: Params, model: str, dataset: str, tokens: int) -> float:
 def _gpu_memory_gb(params: Params, model: str) -> float:
     """The estimated peak over the heavy stages, from the card's config where it loads
     offline, else weights at the card's precision plus 30% and 4 GB."""
-    from lalora.errors import UserError
     from lalora.memory import GB, NF4_BITS, Sizes, architecture, stage_memory
     from lalora.zoo import load_tokenizer, model_config
 
@@ -215,7 +216,7 @@ def _gpu_memory_gb(params: Params, model: str) -> float:
     try:
         arch = architecture(model_config(card, len(load_tokenizer(card))), card)
     except (OSError, ValueError, UserError):  # offline without the hub card's files
-        bits = NF4_BITS if card.quantization == "nf4" else 8 * {"float32": 4}.get(card.dtype, 2)
+        bits = NF4_BITS if card.quantization == "nf4" else 8 * DTYPE_BYTES[card.dtype]
         return card.params_billion * 1e9 * bits / 8 / GB * 1.3 + 4
     sizes = Sizes.of(params)
     return max(stage_memory(s, arch, card, sizes, 2).device.total
@@ -230,7 +231,7 @@ def resources(grid: Grid, params: Params, cell: Cell, tokens: int = 128) -> Reso
     stages = 1 + 3 * len(params.checkpoints) + 1 + (params.ensemble.members > 1)
     hours = (_flops(params, cell.model, cell.dataset, tokens) / (grid.throughput_tflops * 1e12)
              + stages * LOAD_MINUTES * 60) / 3600  # fmt: skip
-    weights_gb = card.params_billion * {"float32": 4}.get(card.dtype, 2)
+    weights_gb = card.params_billion * DTYPE_BYTES[card.dtype]
     est = Resources(
         gpus=1 if gpu else 0, gpu_memory_gb=round(_gpu_memory_gb(params, cell.model), 1),
         memory_gb=math.ceil(2 * weights_gb + 16), cpus=8 if gpu else 2, hours=hours,

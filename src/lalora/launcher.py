@@ -3,7 +3,7 @@ cluster or as local processes here, each running its cell's study as a DVC exper
 workspace of its own and pushing it.
 
 A job (:func:`run_cell`): ``git clone`` the git remote at the submitted commit into a fresh
-folder (under ``workdir``: by default the project's ``.dvc/tmp/exps``, where relative data
+folder (under ``workdir``: by default the project's ``.dvc/tmp/exps/grid``, where relative data
 folders resolve as in DVC's own experiment workspaces, :func:`lalora.paths.resolve_dir`), point
 its DVC remote and cache at the study's, restore the cell's mirrored fine-tuning checkpoints
 (:class:`lalora.remote.Mirror`), ``dvc exp run -n <cell> -S ...`` while a thread mirrors each
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
@@ -39,7 +39,7 @@ MIRRORED = ("checkpoints/step-*", "members/seed-*/step-*")
 @dataclass(frozen=True)
 class JobSpec:
     """What a job needs, all of it picklable: the cell, where the code (``git_url`` at
-    ``commit``) and the artifacts (``dvc_url``, ``cache_dir``: a DVC cache to share, "" for
+    ``commit``) and the artifacts (``dvc_url``; ``cache_dir``: the DVC cache to share, "" for
     the clone's own) live, where to make the workspace and how often to mirror."""
 
     grid: str
@@ -50,7 +50,6 @@ class JobSpec:
     workdir: str
     cache_dir: str = ""
     sync_seconds: float = 60.0
-    env: dict = field(default_factory=dict)
 
     def mirror(self, project: Path) -> Mirror:
         models = Layout(self.cell.model, self.cell.dataset, Path(".")).models
@@ -83,10 +82,13 @@ class _Syncer(threading.Thread):
         super().__init__(daemon=True)
         self.mirror, self.seconds, self.stop = mirror, seconds, threading.Event()
 
+    def sync(self) -> None:
+        for rel in self.mirror.push():
+            print(f"grid: mirrored {rel}", flush=True)
+
     def run(self) -> None:
         while not self.stop.wait(self.seconds):
-            for rel in self.mirror.push():
-                print(f"grid: mirrored {rel}", flush=True)
+            self.sync()
 
 
 _ACTIVE: list[Mirror] = []
@@ -101,7 +103,7 @@ def run_cell(spec: JobSpec) -> str:
     try:
         for rel in mirror.restore():
             print(f"grid: restored {rel} from the remote", flush=True)
-        env = {**os.environ, **spec.env}
+        env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ws / "src"), env.get("PYTHONPATH"))
                                             if p)  # fmt: skip
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -112,8 +114,7 @@ def run_cell(spec: JobSpec) -> str:
         res = subprocess.run(args, cwd=ws, env=env)
         syncer.stop.set()
         syncer.join()
-        for rel in mirror.push():
-            print(f"grid: mirrored {rel}", flush=True)
+        syncer.sync()
         if res.returncode != 0:
             raise RuntimeError(f"cell {spec.cell.name}: dvc exp run failed ({res.returncode})")
         dvc(["exp", "push", "--force", "origin", spec.cell.name], ws)
@@ -168,17 +169,16 @@ def job_specs(project: Path, grid: Grid, cells: list[Cell], git_remote: str = "o
                           "jobs run what the git remote holds)")  # fmt: skip
     commit = _git(["rev-parse", "HEAD"], project).strip()
     git_url = _git(["remote", "get-url", git_remote], project).strip()
-    if commit not in _git(["ls-remote", git_remote], project):
-        _git(["fetch", "--quiet", git_remote], project)
-        if _git(["branch", "-r", "--contains", commit], project).strip() == "":
-            raise RemoteError(f"HEAD {commit[:8]} is not on {git_remote} ({git_url}); "
-                              f"git push {git_remote} first")  # fmt: skip
+    _git(["fetch", "--quiet", git_remote], project)
+    if not _git(["branch", "-r", "--contains", commit], project).strip():
+        raise RemoteError(f"HEAD {commit[:8]} is not on {git_remote} ({git_url}); "
+                          f"git push {git_remote} first")  # fmt: skip
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
         cache = str(Path(repo.cache.local_cache_dir).resolve())
     dvc_url = url_of(project)
-    workdir = workdir or str(project.resolve().joinpath(*EXPERIMENTS))
+    workdir = workdir or str(project.resolve().joinpath(*EXPERIMENTS, "grid"))
     return [JobSpec(grid.name, c, git_url, commit, dvc_url, workdir, cache, sync_seconds)
             for c in cells]  # fmt: skip
 

@@ -38,12 +38,12 @@ class RemoteError(UserError):
     """The remote is not configured, or its plugin is not installed."""
 
 
-def dvc(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run ``dvc`` (this interpreter's) in ``cwd``; a failure raises :class:`RemoteError` with
     its output."""
     res = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
                          text=True)  # fmt: skip
-    if check and res.returncode != 0:
+    if res.returncode != 0:
         raise RemoteError(f"dvc {' '.join(args)} failed in {cwd}:\n{res.stdout}{res.stderr}")
     return res
 
