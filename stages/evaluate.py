@@ -12,12 +12,14 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.evaluation import evaluate_split
 from lalora.io import atomic_write_json, save_predictions
+from lalora.prune import pruned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--dataset", required=True, help="a key of data in params.yaml")
     parser.add_argument("--step", type=int, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
@@ -28,7 +30,7 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True)
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     ev = evaluate_split(params, args.model, args.adapter, args.kfac, args.prior, args.data, dist)
     if not dist.main:

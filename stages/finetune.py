@@ -10,6 +10,7 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.io import atomic_write_text
 from lalora.provenance import code_fingerprint
+from lalora.prune import pruned
 from lalora.recipe import finetune
 
 
@@ -17,12 +18,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--data", type=Path, required=True, help="prepared train split (jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     parser.add_argument("--loss-csv", type=Path, required=True)
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     code = code_fingerprint(Path(__file__))
     result = finetune(params, args.model, args.data, args.out, code, dist=dist).result

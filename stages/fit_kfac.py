@@ -10,18 +10,20 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.factors import fit_checkpoint
 from lalora.io import clean_staging, publish_dir, staging_dir
+from lalora.prune import pruned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     post = fit_checkpoint(params, args.model, args.adapter, args.data, dist)
     if dist.main:

@@ -13,19 +13,21 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.members import train_members
 from lalora.provenance import code_fingerprint
+from lalora.prune import pruned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--train", type=Path, required=True, help="prepared train split")
     parser.add_argument("--test", type=Path, required=True, help="prepared test split")
     parser.add_argument("--out", type=Path, required=True, help="members' checkpoint folder")
     parser.add_argument("--predictions", type=Path, required=True, help="a folder")
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     code = code_fingerprint(Path(__file__))
     train_members(params, args.model, args.train, args.test, args.out, args.predictions, code, dist)

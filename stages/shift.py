@@ -13,6 +13,7 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.io import atomic_write_json
 from lalora.paths import Layout
+from lalora.prune import pruned
 from lalora.shift import save_shifted, score_targets
 
 
@@ -20,13 +21,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--dataset", required=True, help="the dataset fine-tuned on")
     parser.add_argument("--root", type=Path, required=True, help="the study's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True, help="a folder")
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     shifted = []
     for one in score_targets(params, Layout(args.model, args.dataset, args.root), dist):

@@ -11,12 +11,14 @@ from lalora.config import load_params
 from lalora.distributed import finish, init
 from lalora.io import atomic_write_json
 from lalora.priors import tune_checkpoint
+from lalora.prune import pruned
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--prune", type=Path, help="the prune stage's choice (default: none)")
     parser.add_argument("--kfac", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--init", type=Path, required=True, help="the step-0 adapter")
@@ -24,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     result = tune_checkpoint(params, args.model, args.kfac, args.adapter, args.init, args.val, dist)
     if dist.main:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from lalora.adapters import attach_lora, load_adapter
 from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, FinetuneConfig, ModelCard
 from lalora.data import load_splits
-from lalora.finetune import latest_checkpoint, train
+from lalora.finetune import latest_checkpoint, parameter_groups, train
 from lalora.zoo import load_card_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
@@ -31,7 +33,7 @@ def fresh():
     return tok, attach_lora(base, CARD, seed=0)
 
 
-def run(out: Path, stop_at: int | None = None):
+def run(out: Path, stop_at: int | None = None, cfg: FinetuneConfig = CFG):
     tok, model = fresh()
     train_ex, _ = load_splits(DataConfig(name="generated", n_train=20, n_test=5, val_size=0))
 
@@ -44,7 +46,7 @@ def run(out: Path, stop_at: int | None = None):
         tok,
         train_ex,
         answer_token_ids(tok, (" A", " B")),
-        CFG,
+        cfg,
         out,
         "run-1",
         on_step=on_step,
@@ -70,6 +72,53 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert resumed.losses == full.losses
     start, end = adapter(tmp_path / "full", 0), adapter(tmp_path / "full", 6)
     assert not all(torch.equal(start[k], end[k]) for k in start)
+
+
+def test_lora_plus_trains_b_at_ratio_times_lr_and_resumes_exactly(tmp_path):
+    """LoRA+ (Hayou et al. 2024): two AdamW groups, A at lr and B at 16 lr, through the schedule
+    and across a resume."""
+    cfg = replace(CFG, lora_plus_ratio=16.0)
+    _, model = fresh()
+    groups = parameter_groups(model, cfg.lr, cfg.lora_plus_ratio)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [g["lr"] for g in groups] == [cfg.lr, 16 * cfg.lr]
+    assert all(".lora_A." in names[id(p)] for p in groups[0]["params"])
+    assert all(".lora_B." in names[id(p)] for p in groups[1]["params"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names[id(p)] for g in groups for p in g["params"]) == sorted(trainable)
+    (only,) = parameter_groups(model, cfg.lr, 1.0)
+    assert [names[id(p)] for p in only["params"]] == trainable  # today's single group
+
+    _, full = run(tmp_path / "full", cfg=cfg)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "resumed", stop_at=5, cfg=cfg)
+    _, resumed = run(tmp_path / "resumed", cfg=cfg)
+    for step in cfg.checkpoints:
+        a, b = adapter(tmp_path / "full", step), adapter(tmp_path / "resumed", step)
+        assert all(torch.equal(a[k], b[k]) for k in a), step
+    assert resumed.losses == full.losses
+    meta = json.loads((tmp_path / "full" / "step-4" / "trainer.json").read_text())
+    lrs = [g["lr"] for g in meta["optimizer"]["param_groups"]]
+    # the linear schedule at step 4 of 6 scales both groups alike
+    assert lrs == pytest.approx([cfg.lr * 2 / 6, 16 * cfg.lr * 2 / 6], rel=1e-12)
+    run(tmp_path / "plain")
+    b_plus = {k: v for k, v in adapter(tmp_path / "full", 6).items() if "lora_B" in k}
+    assert not all(torch.equal(v, adapter(tmp_path / "plain", 6)[k]) for k, v in b_plus.items())
+
+
+def test_ratio_one_is_plain_lora_byte_for_byte(tmp_path, monkeypatch):
+    """finetune.lora_plus_ratio 1 writes the checkpoints of AdamW over the flat list of LoRA
+    weights (the optimizer before LoRA+ existed), to the byte."""
+    run(tmp_path / "ratio1")
+    monkeypatch.setattr(
+        "lalora.finetune.parameter_groups",
+        lambda model, lr, ratio: [p for p in model.parameters() if p.requires_grad],
+    )
+    run(tmp_path / "flat")
+    for step in CFG.checkpoints:
+        for name in ("adapter/adapter_model.safetensors", "trainer.safetensors", "trainer.json"):
+            a = (tmp_path / "ratio1" / f"step-{step}" / name).read_bytes()
+            assert a == (tmp_path / "flat" / f"step-{step}" / name).read_bytes(), (step, name)
 
 
 def test_foreign_checkpoints_are_moved_aside_not_deleted(tmp_path):

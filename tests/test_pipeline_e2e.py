@@ -206,6 +206,12 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     }
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.1))
     assert stale(repo, env) == set()
+    # prune.layers: the prune stages first (each model's branch follows from its prune.json)
+    edit_params(repo, lambda p: p["prune"].update(layers=1))
+    assert stale(repo, env) == {"prune@tiny-a-generated", "prune@tiny-b-generated"}
+    edit_params(repo, lambda p: p["prune"].update(layers=0))
+    assert stale(repo, env) == set()
+    assert json.loads((repo / "models/tiny-a/generated/prune.json").read_text())["removed"] == []
 
     # keys only aggregate reads rerun only aggregate
     edit_params(repo, lambda p: p["evaluate"].update(bootstrap=60, ensemble_last=1))
@@ -456,17 +462,20 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     sh([*dvc, "config", "hydra.enabled", "false"], repo, env)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], repo, env)
-    # evaluate.bootstrap: only aggregate reruns in each experiment
-    for n in (41, 61):
-        sh([*dvc, "exp", "run", "--queue", "-n", f"boot-{n}", "-S", f"evaluate.bootstrap={n}"],
-           repo, env)  # fmt: skip
+    # evaluate.bootstrap: only aggregate reruns; prune.layers, up to one checkpoint's evaluation
+    # on obqa: that branch alone reruns, on the pruned model
+    sh([*dvc, "exp", "run", "--queue", "-n", "boot-41", "-S", "evaluate.bootstrap=41"], repo, env)
+    sh([*dvc, "exp", "run", "--queue", "-n", "prune-1", "-S", "prune.layers=1",
+        "evaluate@tiny-a-obqa-2"], repo, env)  # fmt: skip
     sh([*dvc, "queue", "start", "--jobs", "2"], repo, env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         status = sh([*dvc, "queue", "status"], repo, env)
         if "Failed" in status:
-            logs = sh([*dvc, "queue", "logs", "boot-41"], repo, env)
-            raise AssertionError(f"{status}\n{logs[-3000:]}")
+            logs = [
+                sh([*dvc, "queue", "logs", n], repo, env)[-3000:] for n in ("boot-41", "prune-1")
+            ]
+            raise AssertionError(f"{status}\n" + "\n".join(logs))
         if status.count("Success") == 2:
             break
         time.sleep(5)
@@ -476,11 +485,25 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     runs = {e["name"]: e["data"] for e in experiments(shown) if e.get("name")}
     methods = {"map", "la", "la_val", "llla", "temperature", "mc_dropout", "ensemble",
                "deep_ensemble"}  # fmt: skip
-    for name in ("boot-41", "boot-61"):
-        summary = runs[name]["metrics"]["metrics/summary.json"]["data"]["tiny-a"]["obqa"]
-        assert {k for k in methods if "nll" in summary.get(k, {})} == methods, (name, summary)
-        params = runs[name]["params"]["params.yaml"]["data"]
-        assert params["evaluate"]["bootstrap"] == int(name[-2:])
+    summary = runs["boot-41"]["metrics"]["metrics/summary.json"]["data"]["tiny-a"]["obqa"]
+    assert {k for k in methods if "nll" in summary.get(k, {})} == methods, summary
+    assert runs["boot-41"]["params"]["params.yaml"]["data"]["evaluate"]["bootstrap"] == 41
+    assert runs["prune-1"]["params"]["params.yaml"]["data"]["prune"]["layers"] == 1
+    ran = set(re.findall(r"Running stage '([^']+)'", sh([*dvc, "queue", "logs", "prune-1"], repo,
+                                                        env)))  # fmt: skip
+    branch = {"prune@tiny-a-obqa", "finetune@tiny-a-obqa", "export@tiny-a-obqa-0",
+              "export@tiny-a-obqa-2", "fit_kfac@tiny-a-obqa-2", "tune_prior@tiny-a-obqa-2",
+              "evaluate@tiny-a-obqa-2"}  # fmt: skip
+    assert ran - {"sources"} == branch
+    ref = next(e["rev"] for e in experiments(shown) if e.get("name") == "prune-1")
+    show = ["git", "show", f"{ref}:models/tiny-a/obqa/prune.json"]
+    choice = json.loads(sh(show, repo, env))
+    assert (choice["layers"], choice["num_layers"], len(choice["distances"])) == (1, 2, 2)
+    assert choice["removed"] == [choice["start"]]
+    show[-1] = f"{ref}:metrics/checkpoints/tiny-a/obqa/step-2.json"
+    pruned_metrics = json.loads(sh(show, repo, env))
+    unpruned = json.loads((repo / "metrics/checkpoints/tiny-a/obqa/step-2.json").read_text())
+    assert pruned_metrics["map"]["nll"] != unpruned["map"]["nll"]
     # the README's command comparing methods across experiments
     readme = (repo / "README.md").read_text()
     command = next(
@@ -489,6 +512,6 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     )  # fmt: skip
     md = sh([sys.executable, "-m", *[a.strip("'") for a in command]], repo, env)
     header = md.splitlines()[0]
-    assert "boot-41" in md and "boot-61" in md
+    assert "boot-41" in md and "prune-1" in md
     assert "tiny-a.obqa.la_val.nll" in header and "tiny-a.obqa.temperature.nll" in header
     assert "shift" not in header and "nll_lo" not in header

@@ -99,12 +99,21 @@ def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():
         return {k: Path(v) for k, v in re.findall(r"--([\w-]+) (\S+)", cmd)}
 
     at = Layout("m", "d")
-    assert args("finetune") == {
-        "model": Path("m"), "data": at.split("train"), "out": at.checkpoints(),
-        "loss-csv": at.train_loss(),
+    assert args("prune") == {
+        "model": Path("m"), "data": at.split("train"), "out": at.prune(),
+        "curve": at.prune_curve("csv"), "plot": at.prune_curve("png"),
     }  # fmt: skip
-    assert args("members") | {"model": None} == {
-        "model": None, "train": at.split("train"), "test": at.split("test"),
+    for name in ("finetune", "members", "fit_kfac", "tune_prior", "evaluate", "shift"):
+        assert args(name)["prune"] == at.prune(), name
+        assert (
+            str(at.prune()).replace("m/d", "${item.model}/${item.dataset}") in stages[name]["deps"]
+        ), name
+    assert args("finetune") == {
+        "model": Path("m"), "prune": at.prune(), "data": at.split("train"),
+        "out": at.checkpoints(), "loss-csv": at.train_loss(),
+    }  # fmt: skip
+    assert args("members") | {"model": None, "prune": None} == {
+        "model": None, "prune": None, "train": at.split("train"), "test": at.split("test"),
         "out": at.members(), "predictions": at.member_predictions(),
     }  # fmt: skip
     assert args("export")["out"] == at.adapter(7)

@@ -190,6 +190,9 @@ class ModelCard:
     quantization: Literal["none", "nf4"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     params_billion: float = 0.0
+    # decoder layers removed before LoRA is attached (0-based, consecutive): set by the stages
+    # from the prune stage's choice (:func:`lalora.prune.pruned`), not written in the zoo
+    drop: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.source == "hub" and not self.repo:
@@ -210,6 +213,10 @@ class ModelCard:
             raise ConfigError("'targets' must name at least one module")
         for i, target in enumerate(self.targets):
             check_plain_name(f"targets[{i}]", target)
+        if any(k < 0 for k in self.drop) or list(self.drop) != list(
+            range(self.drop[0], self.drop[0] + len(self.drop)) if self.drop else []
+        ):
+            raise ConfigError(f"drop: expected consecutive layer indices >= 0, got {self.drop}")
 
 
 @dataclass(frozen=True)
@@ -325,7 +332,10 @@ class DataConfig:
     "finetune",
 )
 class FinetuneConfig:
-    """LoRA fine-tuning (the report's Table 1): AdamW, linear schedule, checkpoints."""
+    """LoRA fine-tuning (the report's Table 1): AdamW, linear schedule, checkpoints.
+    ``lora_plus_ratio``: LoRA+ (Hayou, Ghosh and Yu 2024), the B maps train at
+    ``lora_plus_ratio * lr``, the A maps (and any other trainable weight) at ``lr``; 1 is plain
+    LoRA, one parameter group."""
 
     lr: float
     weight_decay: float
@@ -335,6 +345,7 @@ class FinetuneConfig:
     save_every: int
     warmup_steps: int
     seed: int
+    lora_plus_ratio: float
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.save_every <= 0 or self.steps % self.save_every:
@@ -349,6 +360,10 @@ class FinetuneConfig:
             )
         if self.weight_decay < 0:
             raise ConfigError(f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.lora_plus_ratio > 0:
+            raise ConfigError(
+                f"finetune.lora_plus_ratio must be > 0 (1: plain LoRA), got {self.lora_plus_ratio}"
+            )
         if not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(
                 f"finetune.warmup_steps must be in [0, steps = {self.steps}], "
@@ -434,6 +449,27 @@ class LaunchConfig:
                 f"launch: need nproc_per_node >= 1 and threads >= 0, got "
                 f"{self.nproc_per_node} and {self.threads}"
             )
+
+
+@dataclass(frozen=True)
+@_conf_defaults(
+    "prune",
+)
+class PruneConfig:
+    """Layer pruning (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper
+    Layers"): remove the ``layers`` consecutive decoder layers whose input and output hidden
+    states at the last prompt token are closest in angular distance, measured with the base
+    model on the first ``calibration`` training prompts (stage ``prune@``, :mod:`lalora.prune`);
+    the fine-tune heals the rest. 0: no pruning (the stage loads nothing)."""
+
+    layers: int
+    calibration: int
+
+    def __post_init__(self) -> None:
+        if self.layers < 0:
+            raise ConfigError(f"prune.layers must be >= 0 (0: no pruning), got {self.layers}")
+        if self.calibration <= 0:
+            raise ConfigError(f"prune.calibration must be > 0 prompts, got {self.calibration}")
 
 
 @dataclass(frozen=True)
@@ -536,6 +572,7 @@ class Params:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     kfac: KfacConfig = field(default_factory=KfacConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)

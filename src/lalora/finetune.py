@@ -1,7 +1,8 @@
 """LoRA fine-tuning with checkpoints that resume exactly.
 
 Loss: cross-entropy over the answer-token logits at the last prompt position (method.md
-section 1), mean over the batch. AdamW, linear schedule (optional warm-up), seeded.
+section 1), mean over the batch. AdamW, linear schedule (optional warm-up), seeded; with
+``finetune.lora_plus_ratio`` != 1, LoRA+'s two learning rates (:func:`parameter_groups`).
 
 Checkpoint layout (``{out}/step-{N}/``), written to a staging folder and renamed into place:
 - ``adapter/``: a standard PEFT adapter folder (``adapter_config.json``, safetensors weights);
@@ -87,6 +88,24 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / f"step-{step}"
+
+
+def parameter_groups(model: nn.Module, lr: float, ratio: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups of ``model``'s trainable weights. ``ratio`` 1: one group at
+    ``lr`` (plain LoRA). Otherwise LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank
+    Adaptation of Large Models"): the A maps (and any other trainable weight) at ``lr``, then
+    the B maps (``lora_B``) at ``ratio * lr``; each group in the model's parameter order, so a
+    checkpoint's optimizer state resumes into the same groups."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if ratio == 1:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    b = [p for n, p in named if ".lora_B." in n]
+    if not b:
+        raise ValueError("finetune.lora_plus_ratio needs LoRA B maps (lora_B); the model has none")
+    return [
+        {"params": [p for n, p in named if ".lora_B." not in n], "lr": lr},
+        {"params": b, "lr": ratio * lr},
+    ]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -480,7 +499,8 @@ def train(
             "every process needs at least one example per step"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(model, cfg.lr, cfg.lora_plus_ratio)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     start, losses = _resume(model, opt, sched, out, fingerprint, aside, cfg.seed, d)
     saved = start  # the last checkpoint written

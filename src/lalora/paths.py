@@ -46,6 +46,8 @@ class Layout:
     holds the two equal)::
 
         data/<dataset>/{train,val,test}.jsonl                split(name): prepared prompts
+        models/<model>/<dataset>/prune.json                  prune(): the layers removed
+        plots/prune/<model>/<dataset>.{csv,png}              prune_curve(ext): their distances
         models/<model>/<dataset>/checkpoints/step-<N>/       checkpoints(): training state
         models/<model>/<dataset>/adapters/step-<N>/          adapter(N): exported PEFT adapter
         models/<model>/<dataset>/kfac/step-<N>/              kfac(N): Kronecker factors
@@ -70,6 +72,14 @@ class Layout:
     def split(self, name: str) -> Path:
         """The dataset's prepared ``train``, ``val`` or ``test`` split."""
         return self.root / "data" / self.dataset / f"{name}.jsonl"
+
+    def prune(self) -> Path:
+        """The prune stage's choice of layers to remove (:mod:`lalora.prune`)."""
+        return self.models / "prune.json"
+
+    def prune_curve(self, ext: str = "csv") -> Path:
+        """The prune stage's angular distance per block, ``csv`` or ``png``."""
+        return self.root / "plots" / "prune" / self.model / f"{self.dataset}.{ext}"
 
     def checkpoints(self) -> Path:
         return self.models / "checkpoints"

@@ -15,7 +15,7 @@ import pandas as pd
 
 from lalora.comparison import Final
 from lalora.config import DataConfig
-from lalora.io import atomic_write_json, atomic_write_text, share
+from lalora.io import atomic_write_json, atomic_write_text, save_figure
 from lalora.metrics import score
 from lalora.tables import METHOD_NAMES, METRIC_LABELS, METRICS, markdown_lines
 
@@ -193,7 +193,7 @@ def figure1(df: pd.DataFrame, path: Path) -> None:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def reliability_figure(df: pd.DataFrame, bins: pd.DataFrame, path: Path) -> None:
@@ -224,22 +224,7 @@ def reliability_figure(df: pd.DataFrame, bins: pd.DataFrame, path: Path) -> None
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import os
-    import tempfile
-
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    share(tmp)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_all(

@@ -236,14 +236,18 @@ def tiny_config(arch: str, vocab_size: int):
 
 def model_config(card: ModelCard, vocab_size: int):
     """The card's transformers config, read without its weights (a hub card's config.json,
-    the dequantised GGUF's, or the tiny architecture's)."""
+    the dequantised GGUF's, or the tiny architecture's), less the layers the card ``drop``s."""
     from transformers import AutoConfig
 
+    from lalora.prune import pruned_config
+
     if card.source == "hub":
-        return AutoConfig.from_pretrained(hub_source(card.repo))
-    if card.source == "gguf":
-        return AutoConfig.from_pretrained(dequantised_gguf(card.package, card.gguf_file))
-    return tiny_config(card.arch, vocab_size)
+        config = AutoConfig.from_pretrained(hub_source(card.repo))
+    elif card.source == "gguf":
+        config = AutoConfig.from_pretrained(dequantised_gguf(card.package, card.gguf_file))
+    else:
+        config = tiny_config(card.arch, vocab_size)
+    return pruned_config(config, card.drop)
 
 
 def quantization_kwargs(card: ModelCard, device: torch.device | None = None) -> dict:
@@ -274,8 +278,11 @@ def load_base_model(
 ) -> nn.Module:  # fmt: skip
     """Load the card's pretrained causal LM (frozen), in the card's dtype and quantisation, on
     ``device`` (:func:`lalora.devices.resolve`): an nf4 card through ``device_map``, a hub card
-    straight onto it, the others moved there after loading."""
+    straight onto it, the others moved there after loading. The layers the card ``drop``s
+    (the prune stage's choice) are removed (:func:`lalora.prune.drop_layers`)."""
     from transformers import AutoModelForCausalLM
+
+    from lalora.prune import drop_layers
 
     dtype = DTYPES[card.dtype]
     device = torch.device(device)
@@ -306,6 +313,7 @@ def load_base_model(
             raise ModelError("a tiny model needs the tokenizer's vocab_size")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(card.arch, vocab_size)).to(dtype)
+    drop_layers(model, card.drop)
     if card.quantization != "nf4":
         model.to(device)
     model.requires_grad_(False)
