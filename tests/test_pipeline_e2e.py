@@ -7,6 +7,7 @@ evaluate, that ``kfac.*`` reruns from fit_kfac on, and that ``dvc metrics show``
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -496,10 +497,10 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
               "evaluate@tiny-a-obqa-2"}  # fmt: skip
     assert ran - {"sources"} == branch
     ref = next(e["rev"] for e in experiments(shown) if e.get("name") == "prune-1")
-    show = ["git", "show", f"{ref}:models/tiny-a/obqa/prune.json"]
-    choice = json.loads(sh(show, repo, env))
-    assert (choice["layers"], choice["num_layers"], len(choice["distances"])) == (1, 2, 2)
-    assert choice["removed"] == [choice["start"]]
+    show = ["git", "show", f"{ref}:plots/prune/tiny-a/obqa.csv"]
+    curve = pd.read_csv(io.StringIO(sh(show, repo, env)))  # d(l, 1), l = 0, 1: the tiny model's 2
+    assert list(curve.layer) == [0, 1] and curve.removed.sum() == 1
+    assert curve.distance[curve.removed == 1].item() == curve.distance.min() > 0
     show[-1] = f"{ref}:metrics/checkpoints/tiny-a/obqa/step-2.json"
     pruned_metrics = json.loads(sh(show, repo, env))
     unpruned = json.loads((repo / "metrics/checkpoints/tiny-a/obqa/step-2.json").read_text())
