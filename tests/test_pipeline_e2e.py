@@ -188,7 +188,11 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     } | {"finetune@tiny-a-generated", "members@tiny-a-generated"}
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
     shifts = {"shift@tiny-a-generated", "shift@tiny-b-generated"}
-    assert repro(repo, env) == {"prepare@generated", "aggregate"} | stages_a | stages_b | shifts
+    prunes = {"prune@tiny-a-generated", "prune@tiny-b-generated"}
+    assert (
+        repro(repo, env)
+        == {"prepare@generated", "aggregate"} | stages_a | stages_b | shifts | prunes
+    )
     for f in (
         "metrics/table2.md",
         "metrics/table3.md",
@@ -203,7 +207,8 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     # the rest follows from their outputs), and undoing it leaves nothing to do
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.2))
     assert stale(repo, env) == stages_b - {f"export@tiny-b-generated-{k}" for k in (0, 2)} | {
-        "shift@tiny-b-generated"
+        "shift@tiny-b-generated",
+        "prune@tiny-b-generated",
     }
     edit_params(repo, lambda p: p["zoo"]["tiny-b"].update(dropout=0.1))
     assert stale(repo, env) == set()
