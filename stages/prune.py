@@ -25,9 +25,8 @@ def main() -> None:
 
     params = load_params(args.params)
     choice = measure(params, args.model, args.data)
-    removed = set(choice.removed)
     rows = ["layer,distance,removed"] + [
-        f"{k},{d:.8f},{int(k in removed)}" for k, d in enumerate(choice.distances)
+        f"{k},{d:.8f},{int(k == choice.start)}" for k, d in enumerate(choice.distances)
     ]
     atomic_write_text(args.curve, "\n".join(rows) + "\n")
     plot(choice, args.plot, f"{args.model}: blocks of {choice.layers} layers")
