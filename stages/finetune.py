@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from lalora.cli import run
@@ -11,7 +12,7 @@ from lalora.distributed import finish, init
 from lalora.io import atomic_write_text
 from lalora.provenance import code_fingerprint
 from lalora.prune import pruned
-from lalora.recipe import finetune
+from lalora.recipe import finetune, usage
 
 
 def main() -> None:
@@ -22,15 +23,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared train split (jsonl)")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder")
     parser.add_argument("--loss-csv", type=Path, required=True)
+    parser.add_argument("--usage", type=Path, help="write the wall time and peak memory (json)")
     args = parser.parse_args()
 
     params = pruned(load_params(args.params), args.model, args.prune)
     dist = init()
     code = code_fingerprint(Path(__file__))
-    result = finetune(params, args.model, args.data, args.out, code, dist=dist).result
+    run = finetune(params, args.model, args.data, args.out, code, dist=dist)
     if dist.main:
-        rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in result.losses]
+        rows = ["step,loss"] + [f"{s},{loss:.6f}" for s, loss in run.result.losses]
         atomic_write_text(args.loss_csv, "\n".join(rows) + "\n")
+        if args.usage:
+            atomic_write_text(args.usage, json.dumps(usage(run, dist), indent=1) + "\n")
     finish(dist)
 
 

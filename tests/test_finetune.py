@@ -72,6 +72,28 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert resumed.losses == full.losses
     start, end = adapter(tmp_path / "full", 0), adapter(tmp_path / "full", 6)
     assert not all(torch.equal(start[k], end[k]) for k in start)
+    # the resumed call ran steps 5 and 6 only; its wall time covers them alone
+    assert (full.steps_run, resumed.steps_run) == (6, 2)
+    assert full.seconds > 0 and resumed.seconds > 0
+    _, again = run(tmp_path / "resumed")
+    assert again.steps_run == 0 and again.losses == full.losses
+
+
+def test_usage_reports_the_steps_run_their_time_and_the_peak_memory(tmp_path):
+    """The finetune stage's metrics file: seconds per step over the steps this process ran and
+    its peak resident memory, at least what it holds now."""
+    import psutil
+
+    from lalora.recipe import Finetuned, usage
+
+    model, result = run(tmp_path / "run")
+    got = usage(Finetuned(None, model, None, result))
+    assert got["steps_run"] == 6 and got["device"] == "cpu" and got["processes"] == 1
+    assert got["s_per_step"] == pytest.approx(result.seconds / 6, abs=1e-4)
+    assert got["peak_host_gb"] >= psutil.Process().memory_info().rss / 2**30 - 1e-3
+    assert got["peak_gpu_gb"] is None
+    _, resumed = run(tmp_path / "run")
+    assert usage(Finetuned(None, model, None, resumed))["s_per_step"] is None
 
 
 def test_lora_plus_trains_b_at_ratio_times_lr_and_resumes_exactly(tmp_path):

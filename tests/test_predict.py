@@ -110,7 +110,7 @@ def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():
         ), name
     assert args("finetune") == {
         "model": Path("m"), "prune": at.prune(), "data": at.split("train"),
-        "out": at.checkpoints(), "loss-csv": at.train_loss(),
+        "out": at.checkpoints(), "loss-csv": at.train_loss(), "usage": at.finetune_usage(),
     }  # fmt: skip
     assert args("members") | {"model": None, "prune": None} == {
         "model": None, "prune": None, "train": at.split("train"), "test": at.split("test"),

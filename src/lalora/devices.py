@@ -67,6 +67,16 @@ def free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def peak_host_bytes() -> int:
+    """This process's peak resident memory so far (``getrusage``'s ``ru_maxrss``: KiB on Linux,
+    bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def peak_bytes(device: torch.device) -> int | None:
     """The peak memory allocated on a CUDA device since the last reset (None elsewhere)."""
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None

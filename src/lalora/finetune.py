@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,10 +66,14 @@ FORMAT_VERSION = 3
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Per-step training losses ``[(step, loss)]`` and the checkpoint folders written."""
+    """Per-step training losses ``[(step, loss)]``, the checkpoint folders written, the steps
+    this call ran (the rest were resumed from checkpoints) and their wall time in seconds
+    (checkpoint saves included)."""
 
     losses: list[tuple[int, float]]
     checkpoints: list[Path]
+    steps_run: int = 0
+    seconds: float = 0.0
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -505,6 +510,7 @@ def train(
     start, losses = _resume(model, opt, sched, out, fingerprint, aside, cfg.seed, d)
     saved = start  # the last checkpoint written
     model.train()
+    began = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress or not d.main,
                initial=start, total=cfg.steps)  # fmt: skip
     with keyed_dropout(model) as dropouts:
@@ -521,4 +527,9 @@ def train(
             if on_step is not None:
                 on_step(step + 1)
     model.eval()
-    return TrainResult(losses=losses, checkpoints=[checkpoint_dir(out, s) for s in cfg.checkpoints])
+    return TrainResult(
+        losses=losses,
+        checkpoints=[checkpoint_dir(out, s) for s in cfg.checkpoints],
+        steps_run=cfg.steps - start,
+        seconds=time.perf_counter() - began,
+    )

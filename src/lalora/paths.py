@@ -55,6 +55,7 @@ class Layout:
         metrics/checkpoints/<model>/<dataset>/step-<N>.json  metrics(N): every method's scores
         predictions/<model>/<dataset>/step-<N>.safetensors   predictions(N): per example
         plots/train_loss/<model>/<dataset>.csv               train_loss()
+        metrics/finetune/<model>/<dataset>.json              finetune_usage(): time, memory
         models/<model>/<dataset>/members/seed-<s>/           members(): the ensemble's runs
         predictions/members/<model>/<dataset>/               member_predictions()
         metrics/shift/<model>/<dataset>.json                 shift_metrics()
@@ -104,6 +105,10 @@ class Layout:
     def train_loss(self) -> Path:
         """The fine-tuning loss curve (csv)."""
         return self.root / "plots" / "train_loss" / self.model / f"{self.dataset}.csv"
+
+    def finetune_usage(self) -> Path:
+        """The fine-tune's wall time and peak memory (json, a DVC metric)."""
+        return self.root / "metrics" / "finetune" / self.model / f"{self.dataset}.json"
 
     def members(self) -> Path:
         """The deep ensemble's extra fine-tuning runs (their checkpoints)."""

@@ -16,7 +16,7 @@ from lalora.adapters import attach_lora
 from lalora.classifier import answer_token_ids
 from lalora.config import Params
 from lalora.data import DataError, Split, read_split
-from lalora.devices import resolve
+from lalora.devices import module_device, peak_bytes, peak_host_bytes, resolve
 from lalora.distributed import Dist, current
 from lalora.finetune import TrainResult, train
 from lalora.pipeline import fingerprint, guard_memory, measure
@@ -62,3 +62,23 @@ def finetune(
         cfg, out, fingerprint(card, cfg, train_path, code), progress=d.main, dist=d, aside=aside,
     )  # fmt: skip
     return Finetuned(tok, model, split, result)
+
+
+def usage(run: Finetuned, dist: Dist | None = None) -> dict:
+    """What the fine-tune cost, for the stage's metrics file: the steps this process ran (0 when
+    every step was resumed from checkpoints), their wall time and seconds per step, and the
+    peak memory: the process's resident set (host) and, on CUDA, the device's allocations, both
+    in GiB, of rank 0 under ``torchrun`` (``processes`` says how many ran)."""
+    d = dist or current()
+    res = run.result
+    device = module_device(run.model)
+    gpu = peak_bytes(device)
+    return {
+        "steps_run": res.steps_run,
+        "wall_s": round(res.seconds, 3),
+        "s_per_step": round(res.seconds / res.steps_run, 4) if res.steps_run else None,
+        "peak_host_gb": round(peak_host_bytes() / 2**30, 3),
+        "peak_gpu_gb": None if gpu is None else round(gpu / 2**30, 3),
+        "device": str(device),
+        "processes": d.world,
+    }
