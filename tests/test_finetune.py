@@ -74,7 +74,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
     assert not all(torch.equal(start[k], end[k]) for k in start)
     # the resumed call ran steps 5 and 6 only; its wall time covers them alone
     assert (full.steps_run, resumed.steps_run) == (6, 2)
-    assert full.seconds > 0 and resumed.seconds > 0
+    assert full.seconds > 0 and resumed.seconds > 0 and full.cpu_seconds > 0
     _, again = run(tmp_path / "resumed")
     assert again.steps_run == 0 and again.losses == full.losses
 
@@ -91,7 +91,9 @@ def test_usage_reports_the_steps_run_their_time_and_the_peak_memory(tmp_path):
     assert got["steps_run"] == 6 and got["device"] == "cpu" and got["processes"] == 1
     assert got["s_per_step"] == pytest.approx(result.seconds / 6, abs=1e-4)
     assert got["peak_host_gb"] >= psutil.Process().memory_info().rss / 2**30 - 1e-3
-    assert got["peak_gpu_gb"] is None
+    assert got["peak_gpu_gb"] is None and got["cpu_s"] == pytest.approx(
+        result.cpu_seconds, abs=1e-3
+    )
     _, resumed = run(tmp_path / "run")
     assert usage(Finetuned(None, model, None, resumed))["s_per_step"] is None
 

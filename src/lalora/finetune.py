@@ -67,13 +67,15 @@ FORMAT_VERSION = 3
 @dataclass(frozen=True)
 class TrainResult:
     """Per-step training losses ``[(step, loss)]``, the checkpoint folders written, the steps
-    this call ran (the rest were resumed from checkpoints) and their wall time in seconds
-    (checkpoint saves included)."""
+    this call ran (the rest were resumed from checkpoints), their wall time in seconds
+    (checkpoint saves included) and the CPU seconds this process spent on them (every thread's;
+    unlike the wall time, it hardly changes when other jobs share the cores)."""
 
     losses: list[tuple[int, float]]
     checkpoints: list[Path]
     steps_run: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -510,7 +512,7 @@ def train(
     start, losses = _resume(model, opt, sched, out, fingerprint, aside, cfg.seed, d)
     saved = start  # the last checkpoint written
     model.train()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     bar = tqdm(range(start, cfg.steps), desc="finetune", disable=not progress or not d.main,
                initial=start, total=cfg.steps)  # fmt: skip
     with keyed_dropout(model) as dropouts:
@@ -532,4 +534,5 @@ def train(
         checkpoints=[checkpoint_dir(out, s) for s in cfg.checkpoints],
         steps_run=cfg.steps - start,
         seconds=time.perf_counter() - began,
+        cpu_seconds=time.process_time() - cpu,
     )

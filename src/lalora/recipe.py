@@ -66,7 +66,8 @@ def finetune(
 
 def usage(run: Finetuned, dist: Dist | None = None) -> dict:
     """What the fine-tune cost, for the stage's metrics file: the steps this process ran (0 when
-    every step was resumed from checkpoints), their wall time and seconds per step, and the
+    every step was resumed from checkpoints), their wall time, seconds per step and CPU
+    seconds (:class:`lalora.finetune.TrainResult`), and the
     peak memory: the process's resident set (host) and, on CUDA, the device's allocations, both
     in GiB, of rank 0 under ``torchrun`` (``processes`` says how many ran)."""
     d = dist or current()
@@ -77,6 +78,7 @@ def usage(run: Finetuned, dist: Dist | None = None) -> dict:
         "steps_run": res.steps_run,
         "wall_s": round(res.seconds, 3),
         "s_per_step": round(res.seconds / res.steps_run, 4) if res.steps_run else None,
+        "cpu_s": round(res.cpu_seconds, 3),
         "peak_host_gb": round(peak_host_bytes() / 2**30, 3),
         "peak_gpu_gb": None if gpu is None else round(gpu / 2**30, 3),
         "device": str(device),
