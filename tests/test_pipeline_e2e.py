@@ -510,6 +510,28 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     pruned_metrics = json.loads(sh(show, repo, env))
     unpruned = json.loads((repo / "metrics/checkpoints/tiny-a/obqa/step-2.json").read_text())
     assert pruned_metrics["map"]["nll"] != unpruned["map"]["nll"]
+    # lalora.experiments: every run of the commit checkpoint by checkpoint, as each committed it
+    sh([sys.executable, "-m", "lalora.experiments", "--model", "tiny-a", "--dataset", "obqa",
+        "--params", "prune.layers", "--methods", "map", "la_val", "--out", "cmp.md"], repo,
+       env)  # fmt: skip
+    text = (repo / "cmp.md").read_text()
+    runs_table, scores_table = (
+        [line.split(" | ") for line in part.splitlines() if line.startswith("| ")][1:]
+        for part in text.split("\n\n")[1:3]
+    )  # fmt: skip
+    branch = sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], repo, env).strip()
+    assert [r[0].strip("| ") for r in runs_table] == [branch, "boot-41", "prune-1"]
+    start = int(curve.layer[curve.removed == 1].item())
+    assert [r[2] for r in runs_table] == ["none", "none", f"{start}..{start}"]
+    usage = json.loads((repo / "metrics/finetune/tiny-a/obqa.json").read_text())
+    assert usage["steps_run"] == 2 and usage["wall_s"] > 0 and usage["peak_host_gb"] > 0
+    assert float(runs_table[0][3]) == pytest.approx(usage["wall_s"], abs=0.6)
+    # MAP NLL at each checkpoint: the baseline's files, and prune-1's final one
+    nll = {(r[0].strip("| "), int(r[1])): float(r[3]) for r in scores_table}
+    for step in (0, 2):
+        saved = json.loads((repo / f"metrics/checkpoints/tiny-a/obqa/step-{step}.json").read_text())
+        assert nll[branch, step] == pytest.approx(saved["map"]["nll"], abs=5e-4), step
+    assert nll["prune-1", 2] == pytest.approx(pruned_metrics["map"]["nll"], abs=5e-4)
     # the README's command comparing methods across experiments
     readme = (repo / "README.md").read_text()
     command = next(

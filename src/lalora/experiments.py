@@ -3,12 +3,14 @@
 ``dvc exp show --md`` compares experiments at the final checkpoint (``metrics/summary.json``) and
 on the fine-tune's cost (``metrics/finetune/``); this module reads, for the baseline commit and
 every experiment of it (``dvc exp run``, ``dvc exp run --queue``), the files each experiment
-commit holds in git: every checkpoint's metrics (``plots/metrics.csv``), the fine-tune's wall
+commit holds in git: every checkpoint's metrics (``metrics/checkpoints/``), the fine-tune's wall
 time and peak memory (``metrics/finetune/<model>/<dataset>.json``) and the layers the prune
 stage removed (``plots/prune/<model>/<dataset>.csv``), and writes one markdown file with two
 tables: what each run cost and removed, and ACC / NLL / ECE of the chosen methods at every
-checkpoint. ``python -m lalora.experiments --help``; the README's "LoRA+ and layer pruning"
-table is its output.
+checkpoint. An experiment run on some targets only (``dvc exp run evaluate@...``) commits its
+baseline's files for the stages it did not run, and those are what it shows for them.
+``python -m lalora.experiments --help``; the README's "LoRA+ and layer pruning" table is its
+output.
 """
 
 from __future__ import annotations
@@ -83,18 +85,21 @@ def read(project: Path, exps: list[Experiment], model: str, dataset: str,
     at = Layout(model, dataset)
     runs, scores = [], []
     for e in exps:
-        table = _show(project, e.rev, Path("plots/metrics.csv"))
-        if table is None:
-            raise ExperimentsError(f"experiment {e.name} ({e.rev[:8]}) has no plots/metrics.csv")
-        frame = pd.read_csv(io.StringIO(table))
-        frame = frame[(frame.model == model) & (frame.dataset == dataset)
-                      & frame.method.isin(methods)]  # fmt: skip
-        if frame.empty:
-            raise ExperimentsError(f"experiment {e.name} ({e.rev[:8]}) has no {model} on "
-                                   f"{dataset} for {', '.join(methods)}")  # fmt: skip
-        for r in frame.itertuples():
-            scores.append({"experiment": e.name, "step": r.step, "method": r.method,
-                           **{m: getattr(r, m) for m in SHOWN}})  # fmt: skip
+        steps = param(e.params, "checkpoints") or []
+        found = 0
+        for step in steps:
+            text = _show(project, e.rev, at.metrics(step))
+            if text is None:
+                continue
+            found += 1
+            entry = json.loads(text)
+            for method in methods:
+                if method in entry and "nll" in entry[method]:
+                    scores.append({"experiment": e.name, "step": step, "method": method,
+                                   **{m: entry[method][m] for m in SHOWN}})  # fmt: skip
+        if not found:
+            raise ExperimentsError(f"experiment {e.name} ({e.rev[:8]}) has no metrics of "
+                                   f"{model} on {dataset} (checkpoints {steps})")  # fmt: skip
         usage = _show(project, e.rev, at.finetune_usage())
         curve = _show(project, e.rev, at.prune_curve("csv"))
         start = None
@@ -139,10 +144,11 @@ def markdown(exps: list[Experiment], keys: list[str], runs: pd.DataFrame, scores
     for r in runs.to_dict("records"):
         n = param(by_name[r["experiment"]].params, "prune.layers") or 0
         start = r.get("prune_start")
-        removed = f"{start}..{start + n - 1}" if n and start is not None else "none"
+        known = start is not None and not pd.isna(start)  # a missing start reads back as NaN
+        removed = f"{int(start)}..{int(start) + n - 1}" if n and known else "none"
         rows.append([r["experiment"], *(_fmt(param(by_name[r["experiment"]].params, k))
                                         for k in keys), removed,
-                     _fmt(r.get("wall_s"), 0), _fmt(r.get("cpu_s"), 0),
+                     _fmt(r.get("wall_s"), 1), _fmt(r.get("cpu_s"), 1),
                      _fmt(r.get("s_per_step"), 2),
                      _fmt(r.get("peak_host_gb"), 2)])  # fmt: skip
     lines = [f"# {model} on {dataset}: {len(exps)} runs", "", *markdown_lines(head, rows), ""]
