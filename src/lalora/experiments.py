@@ -32,6 +32,7 @@ from lalora.remote import dvc
 from lalora.tables import METHOD_NAMES, METRIC_LABELS, markdown_lines
 
 SHOWN = ("acc", "nll", "ece")
+UNFINISHED = ("queued", "running", "failed")  # dvc exp show's executor states without results
 
 
 class ExperimentsError(UserError):
@@ -49,11 +50,14 @@ class Experiment:
 
 
 def listed(shown: list[dict]) -> list[Experiment]:
-    """The baseline commits of ``dvc exp show --json`` and their experiments, the workspace left
-    out (its results are not committed)."""
+    """The baseline commits of ``dvc exp show --json`` and their finished experiments: the
+    workspace (its results are not committed) and the queued, running or failed experiments
+    (their commit is the baseline's snapshot) left out."""
     out = []
     for base in shown:
-        rows = [base] + [r for g in base.get("experiments") or [] for r in g.get("revs", [])]
+        done = [g for g in base.get("experiments") or []
+                if (g.get("executor") or {}).get("state") not in UNFINISHED]  # fmt: skip
+        rows = [base] + [r for g in done for r in g.get("revs", [])]
         for row in rows:
             if row["rev"] == "workspace" or not row.get("data"):
                 continue
@@ -125,6 +129,13 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _fmt_param(value) -> str:
+    """A params value as written: ``1.0`` and ``1`` both read ``1``, ``0.0001875`` in full."""
+    if value is None:
+        return "–"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def markdown(exps: list[Experiment], keys: list[str], runs: pd.DataFrame, scores: pd.DataFrame,
              methods: tuple[str, ...], model: str, dataset: str) -> str:  # fmt: skip
     """The two tables: per experiment its ``keys`` params, the layers removed, fine-tune wall
@@ -146,7 +157,7 @@ def markdown(exps: list[Experiment], keys: list[str], runs: pd.DataFrame, scores
         start = r.get("prune_start")
         known = start is not None and not pd.isna(start)  # a missing start reads back as NaN
         removed = f"{int(start)}..{int(start) + n - 1}" if n and known else "none"
-        rows.append([r["experiment"], *(_fmt(param(by_name[r["experiment"]].params, k))
+        rows.append([r["experiment"], *(_fmt_param(param(by_name[r["experiment"]].params, k))
                                         for k in keys), removed,
                      _fmt(r.get("wall_s"), 1), _fmt(r.get("cpu_s"), 1),
                      _fmt(r.get("s_per_step"), 2),
@@ -171,12 +182,14 @@ def main() -> None:
     parser.add_argument("--params", nargs="*", default=[], help="dotted params keys to show")
     parser.add_argument("--methods", nargs="+", default=["map", "la", "la_val"])
     parser.add_argument("--names", nargs="*", help="only these experiments (default: all)")
+    parser.add_argument("--rev", default="HEAD",
+                        help="the baseline commit whose experiments to compare")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
     args = parser.parse_args()
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
     if unknown:
         raise ExperimentsError(f"unknown method(s) {unknown}; known: {list(METHOD_NAMES)}")
-    shown = json.loads(dvc(["exp", "show", "--json"], args.project).stdout)
+    shown = json.loads(dvc(["exp", "show", "--json", "--rev", args.rev], args.project).stdout)
     exps = listed(shown)
     if args.names:
         missing = set(args.names) - {e.name for e in exps}
