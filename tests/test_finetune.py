@@ -130,6 +130,18 @@ def test_lora_plus_trains_b_at_ratio_times_lr_and_resumes_exactly(tmp_path):
     assert not all(torch.equal(v, adapter(tmp_path / "plain", 6)[k]) for k, v in b_plus.items())
 
 
+def test_lora_plus_groups_agree_with_peft(tmp_path):
+    """Every trainable weight gets the learning rate PEFT's LoRA+ optimizer gives it
+    (``peft.optimizers.create_loraplus_optimizer``, the reference implementation's port)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    _, model = fresh()
+    ours = {id(p): g["lr"] for g in parameter_groups(model, 1e-3, 16.0) for p in g["params"]}
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    theirs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert ours == theirs and sorted(set(ours.values())) == [1e-3, 16e-3]
+
+
 def test_ratio_one_is_plain_lora_byte_for_byte(tmp_path, monkeypatch):
     """finetune.lora_plus_ratio 1 writes the checkpoints of AdamW over the flat list of LoRA
     weights (the optimizer before LoRA+ existed), to the byte."""
