@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--params", nargs="*", default=[], help="dotted params keys to show")
     parser.add_argument("--methods", nargs="+", default=["map", "la", "la_val"])
     parser.add_argument("--names", nargs="*", help="only these experiments (default: all)")
+    parser.add_argument("--steps", nargs="*", type=int,
+                        help="only these checkpoints (default: every one)")  # fmt: skip
     parser.add_argument("--rev", default="HEAD",
                         help="the baseline commit whose experiments to compare")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True, help="markdown file to write")
@@ -200,6 +202,12 @@ def main() -> None:
         raise ExperimentsError("no committed baseline or experiment to compare")
     exps.sort(key=lambda e: tuple(_order(param(e.params, k)) for k in args.params))
     runs, scores = read(args.project, exps, args.model, args.dataset, tuple(args.methods))
+    if args.steps:
+        missing = sorted(set(args.steps) - set(scores.step))
+        if missing:
+            raise ExperimentsError(f"no experiment has checkpoint(s) {missing}; "
+                                   f"they have {sorted(set(scores.step))}")  # fmt: skip
+        scores = scores[scores.step.isin(args.steps)]
     text = markdown(exps, args.params, runs, scores, tuple(args.methods), args.model,
                     args.dataset)  # fmt: skip
     atomic_write_text(args.out, text)
