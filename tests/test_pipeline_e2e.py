@@ -84,8 +84,8 @@ def make_repo(tmp_path_factory, edit) -> tuple[Path, dict]:
     files = subprocess.run(
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
-    for f in (f for f in files if f != "dvc.lock"):
-        if (ROOT / f).is_file():
+    for f in files:
+        if f != "dvc.lock" and (ROOT / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, repo / f)
     env = {

@@ -36,6 +36,18 @@ def test_each_stage_declares_exactly_the_modules_its_script_imports(name):
     assert not extra, f"{name}: declared in dvc.yaml but not imported: {extra}"
 
 
+def test_the_lock_file_records_the_stages_dvc_yaml_defines_and_no_others():
+    """DVC keeps a lock entry after its stage leaves dvc.yaml (a renamed layout, a checkpoint
+    no longer listed) and rewrites the whole file after every stage it runs, so a stale entry
+    costs every repro time and says something about outputs nothing produces."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        defined = {stage.name for stage in repo.index.stages}
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert not locked - defined, f"dvc.lock entries of no stage: {sorted(locked - defined)}"
+
+
 def test_the_closure_follows_lazy_and_submodule_imports(tmp_path):
     src = tmp_path / "lalora"
     (src / "sub").mkdir(parents=True)
