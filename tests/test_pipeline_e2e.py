@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,112 +21,24 @@ import yaml
 from lalora.io import load_predictions
 from lalora.metrics import score
 from lalora.tables import METHOD_NAMES
+from tests.studies import (
+    TINY,
+    copy_study,
+    edit_params,
+    experiments,
+    make_repo,
+    repro,
+    sh,
+    stale,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-TINY = {
-    "source": "tiny",
-    "targets": ["q_proj", "v_proj"],
-    "lm_head": True,
-    "r": 8,
-    "alpha": 16,
-    "dropout": 0.1,
-    "quantization": "none",
-    "dtype": "float32",
-}
-
-
-def sh(args: list[str], cwd: Path, env: dict) -> str:
-    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-        )
-    return res.stdout + res.stderr
-
-
-def repro(repo: Path, env: dict) -> set[str]:
-    """The stages ``dvc repro`` ran, but ``sources`` (it hashes the raw data at every repro)."""
-    out = sh([sys.executable, "-m", "dvc", "repro"], repo, env)
-    ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert "sources" in ran
-    return ran - {"sources"}
-
-
-def stale(repo: Path, env: dict) -> set[str]:
-    """The stages ``dvc status`` finds out of date (their own deps or params changed), but
-    ``sources``: what ``dvc repro`` would run first."""
-    out = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env,
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return {k.split(":")[-1] for k in json.loads(out)} - {"sources"}
-
-
-def edit_params(repo: Path, fn) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    fn(params)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def make_repo(tmp_path_factory, edit) -> tuple[Path, dict]:
-    """A git repository holding the project's tracked files, with params edited by ``edit``.
-
-    The project's ``dvc.lock`` is left out: it records the default study, none of whose stages
-    is current at the tiny params, and DVC rewrites the whole lock file after every stage, so
-    carrying it made each stage of the tiny studies seconds slower."""
-    repo = tmp_path_factory.mktemp("study")
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        if f != "dvc.lock" and (ROOT / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, repo / f)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(repo / "src"),
-    }
-
-    def tiny(params):
-        params["finetune"].update(steps=2, save_every=2, batch_size=4)
-        params["checkpoints"] = [0, 2]
-        params["kfac"].update(batch_size=6)
-        params["prior"].update(log10_min=-10.0, log10_max=12.0)
-        params["predictive"].update(samples=100)
-        params["evaluate"].update(
-            methods=["la", "la_val", "llla", "temperature", "mc_dropout"],
-            mc_samples=2,
-            ensemble_last=2,
-            bootstrap=50,
-        )
-        edit(repo, params)
-
-    edit_params(repo, tiny)
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"],
-    ):
-        sh(args, repo, env)
-    return repo, env
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    def two_models(_, params):
-        params["models"] = ["tiny-a", "tiny-b"]
-        params["zoo"] = {
-            "tiny-a": {**TINY, "arch": "llama"},
-            "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
-        }
-        params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
-
-    return make_repo(tmp_path_factory, two_models)
+def repo(two_model_study, tmp_path_factory):
+    """This module's copy of the shared two-model study, finished by its first ``dvc repro``."""
+    return copy_study(two_model_study, tmp_path_factory, "two-models")
 
 
 def four_choice_files(folder: Path, kind: str, seed: int) -> None:
@@ -183,7 +92,7 @@ def shifted(tmp_path_factory):
     return make_repo(tmp_path_factory, paper_like)
 
 
-def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
+def test_pipeline_runs_caches_and_reruns_only_what_changed(two_model_study, repo):
     repo, env = repo
     stages_a = {
         f"{s}@tiny-a-generated-{k}"
@@ -193,9 +102,9 @@ def test_pipeline_runs_caches_and_reruns_only_what_changed(repo):
     stages_b = {s.replace("tiny-a", "tiny-b") for s in stages_a}
     shifts = {"shift@tiny-a-generated", "shift@tiny-b-generated"}
     prunes = {"prune@tiny-a-generated", "prune@tiny-b-generated"}
-    assert (
-        repro(repo, env)
-        == {"prepare@generated", "aggregate"} | stages_a | stages_b | shifts | prunes
+    # the shared study's first repro ran every stage
+    assert two_model_study.ran == {"prepare@generated", "aggregate"} | stages_a | stages_b | (
+        shifts | prunes
     )
     for f in (
         "metrics/table2.md",
@@ -442,16 +351,6 @@ def test_four_choice_datasets_with_shift_run_every_method(shifted):
     new = [json.loads(line)["label"] for line in split_lines(repo, "arc_e")]
     assert new == [(label + 1) % 4 for label in old]
     assert repro(repo, env) == set()
-
-
-def experiments(shown: list[dict]) -> list[dict]:
-    """Every row of ``dvc exp show --json``: the baselines and the experiments under them."""
-    rows = []
-    for base in shown:
-        rows.append(base)
-        for group in base.get("experiments") or []:
-            rows.extend(group.get("revs", []))
-    return rows
 
 
 def split_lines(repo: Path, dataset: str) -> list[str]:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where a collective or a device is used
+    import torch
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -44,6 +45,8 @@ SINGLE = Dist()
 
 def default_backend() -> str:
     """``$LALORA_BACKEND`` if set, else ``nccl`` where CUDA is available, else ``gloo``."""
+    import torch
+
     if os.environ.get("LALORA_BACKEND"):
         return os.environ["LALORA_BACKEND"]
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -51,6 +54,8 @@ def default_backend() -> str:
 
 def check_backend(backend: str) -> None:
     """NCCL runs on CUDA GPUs only: refuse it, naming the key, where there is none."""
+    import torch
+
     if backend == "nccl" and not torch.cuda.is_available():
         from lalora.config import ConfigError
 
@@ -62,15 +67,17 @@ def check_backend(backend: str) -> None:
 
 def init() -> Dist:
     """Join the process group that ``torchrun`` set up (once); :data:`SINGLE` without one."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return SINGLE
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         backend = default_backend()
         check_backend(backend)
         if backend == "nccl":
+            import torch
+
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size())
@@ -107,6 +114,7 @@ def shard(items: list[T], d: Dist, what: str = "batches", allow_empty: bool = Fa
 
 
 def _device(d: Dist) -> torch.device:
+    import torch
     import torch.distributed as dist
 
     if dist.get_backend() == "nccl":
@@ -130,6 +138,8 @@ def all_reduce_(t: Tensor, d: Dist) -> Tensor:
 
 def all_reduce_sum(x: float, d: Dist) -> float:
     """The float64 sum of a number over the ranks."""
+    import torch
+
     return float(all_reduce_(torch.tensor([x], dtype=torch.float64), d)[0])
 
 
@@ -147,6 +157,8 @@ def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
 def gather_cat(t: Tensor | None, d: Dist, dim: int = 0) -> Tensor:
     """The ranks' ``t`` (one shard each; None for an empty shard) concatenated in rank order on
     every rank: with :func:`shard`, the original order."""
+    import torch
+
     if not d.active:
         if t is None:
             raise ValueError("nothing to gather")
@@ -157,6 +169,8 @@ def gather_cat(t: Tensor | None, d: Dist, dim: int = 0) -> Tensor:
 
 def cat_or_none(parts: list[Tensor]) -> Tensor | None:
     """``torch.cat(parts)``, None for an empty shard (see :func:`gather_cat`)."""
+    import torch
+
     return torch.cat(parts) if parts else None
 
 

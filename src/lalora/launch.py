@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from lalora.config import LaunchConfig, load_params
-from lalora.distributed import check_backend
 
 
 def command(script: str, args: list[str], launch: LaunchConfig) -> tuple[list[str], dict]:
@@ -56,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     def read() -> None:
         launch = load_params(params_path(args)).launch
         if launch.nproc_per_node > 1 and launch.backend != "auto":
+            from lalora.distributed import check_backend  # imports torch: only where it matters
+
             check_backend(launch.backend)
         found["launch"] = launch
 

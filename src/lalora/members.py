@@ -9,15 +9,14 @@ predictions, is formed from saved predictions (:func:`lalora.comparison.compare`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-
-from lalora.classifier import answer_token_ids
 from lalora.config import Params
 from lalora.data import DataError, read_split
 from lalora.distributed import SINGLE, Dist, map_batches
-from lalora.pipeline import batches, map_probs
-from lalora.recipe import finetune
+
+if TYPE_CHECKING:  # the model's modules are imported by a member's run: none without members
+    from torch import Tensor
 
 
 def train_member(
@@ -38,6 +37,10 @@ def train_member(
     stage's tracked folder of members (``.../members/seed-<s>``): a stale or rejected run is
     moved outside it, into ``.../members.stale/``, so DVC's cache never keeps it."""
     import torch
+
+    from lalora.classifier import answer_token_ids
+    from lalora.pipeline import batches, map_probs
+    from lalora.recipe import finetune
 
     d = dist or SINGLE
     test = read_split(test_path)

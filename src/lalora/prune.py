@@ -20,14 +20,16 @@ import copy
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
-
-from lalora.classifier import Batch, last_positions
 from lalora.config import ConfigError, ModelCard, Params
 from lalora.errors import ArtifactError, ModelError
 from lalora.io import atomic_write_json, save_figure
+
+if TYPE_CHECKING:  # torch is imported where a model is: the choice alone (prune.json) needs none
+    from torch import Tensor, nn
+
+    from lalora.classifier import Batch
 
 # what prune.json means; a file of another version is refused
 FORMAT_VERSION = 1
@@ -60,6 +62,8 @@ NOTHING = Choice(layers=0, start=-1, num_layers=0, prompts=0, distances=())
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder's list of layers (``model.model.layers`` for Llama, Phi and Phi-3)."""
+    from torch import nn
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(base.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -67,13 +71,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-@torch.no_grad()
 def last_token_states(model: nn.Module, batches: list[Batch]) -> Tensor:
     """The residual stream at each prompt's last token, (L+1, N, H) in float64: entry l < L
     enters decoder layer l (transformers' ``output_hidden_states[l]``), entry L leaves the last
     layer, before the final norm (transformers' last hidden state has the norm applied, which
     rescales each feature and so changes angles). The positions are those the classifier uses
     (:func:`lalora.classifier.answer_logits`)."""
+    import torch
+
+    from lalora.classifier import last_positions
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     captured: list[Tensor] = []
 
@@ -83,17 +90,18 @@ def last_token_states(model: nn.Module, batches: list[Batch]) -> Tensor:
     hook = decoder_layers(base)[-1].register_forward_hook(keep)
     out = []
     try:
-        for batch in batches:
-            mask = batch.attention_mask
-            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            states = base.get_decoder()(
-                input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
-                output_hidden_states=True,
-            ).hidden_states  # L+1 of (B, T, H); the last normed  # fmt: skip
-            rows = torch.arange(mask.shape[0], device=mask.device)
-            last = last_positions(mask)
-            stream = [*states[:-1], captured.pop()]
-            out.append(torch.stack([h[rows, last] for h in stream]).double().cpu())
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch.attention_mask
+                position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+                states = base.get_decoder()(
+                    input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids,
+                    output_hidden_states=True,
+                ).hidden_states  # L+1 of (B, T, H); the last normed  # fmt: skip
+                rows = torch.arange(mask.shape[0], device=mask.device)
+                last = last_positions(mask)
+                stream = [*states[:-1], captured.pop()]
+                out.append(torch.stack([h[rows, last] for h in stream]).double().cpu())
     finally:
         hook.remove()
     return torch.cat(out, dim=1)
@@ -102,6 +110,8 @@ def last_token_states(model: nn.Module, batches: list[Batch]) -> Tensor:
 def angular_distances(states: Tensor, n: int) -> Tensor:
     """d(l, n) for l = 0 .. L-n, (L-n+1,): the mean over prompts of the angle between
     ``states[l]`` and ``states[l + n]`` divided by pi. ``states``: (L+1, N, H)."""
+    import torch
+
     L = states.shape[0] - 1
     if not 1 <= n <= L:
         raise ConfigError(f"prune.layers must be in [1, {L}] for a model of {L} layers, got {n}")
@@ -112,6 +122,8 @@ def angular_distances(states: Tensor, n: int) -> Tensor:
 
 def choose(states: Tensor, n: int) -> Choice:
     """The block of ``n`` layers to remove: the first minimiser of :func:`angular_distances`."""
+    import torch
+
     d = angular_distances(states, n)
     return Choice(
         layers=n, start=int(torch.argmin(d)), num_layers=states.shape[0] - 1,
@@ -140,6 +152,8 @@ def drop_layers(model: nn.Module, drop: tuple[int, ...]) -> nn.Module:
     and the config says L-n layers, as a model built with that config would. Returns it."""
     if not drop:
         return model
+    from torch import nn
+
     layers = decoder_layers(model)
     config = pruned_config(model.config, drop)
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
@@ -162,14 +176,14 @@ def measure(params: Params, model_name: str, train_path: Path) -> Choice:
     prompts of the prepared split ``train_path`` (batches of ``evaluate.batch_size``, at most
     ``finetune.max_length`` tokens) and choose the block (:func:`choose`). n = 0: nothing is
     loaded."""
+    n = params.prune.layers
+    if n == 0:
+        return NOTHING
     from lalora.data import DataError, read_split
     from lalora.devices import resolve
     from lalora.pipeline import batches
     from lalora.zoo import load_base_model, load_tokenizer
 
-    n = params.prune.layers
-    if n == 0:
-        return NOTHING
     split = read_split(train_path)
     examples = list(split.examples[: params.prune.calibration])
     if not examples:

@@ -14,16 +14,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lalora.config import Params
 from lalora.data import answers_of, load_splits, read_split, write_split
-from lalora.devices import resolve
 from lalora.distributed import SINGLE, Dist
-from lalora.evaluation import Evaluation, evaluate_split
-from lalora.metrics import check_finite
 from lalora.paths import Layout
-from lalora.pipeline import guard_memory, load_adapted
-from lalora.zoo import load_tokenizer
+
+if TYPE_CHECKING:  # the model's modules are imported for a target: none without one
+    from lalora.evaluation import Evaluation
 
 
 @dataclass(frozen=True)
@@ -54,12 +53,21 @@ def score_targets(params: Params, layout: Layout, dist: Dist = SINGLE) -> Iterat
     checkpoint of ``layout``, in the configured order (nothing when none is listed; a target
     with other answers is refused when the params load, :func:`lalora.config.check_study`). With
     ``dist`` every process takes part and the main process gets the results."""
+    targets = params.shifted(layout.dataset)
+    if not targets:
+        return
+    from lalora.devices import resolve
+    from lalora.evaluation import evaluate_split
+    from lalora.metrics import check_finite
+    from lalora.pipeline import guard_memory, load_adapted
+    from lalora.zoo import load_tokenizer
+
     step = params.checkpoints[-1]
     adapter = layout.adapter(step)
     loaded = None  # (tokenizer, model), loaded once for every target
     scratch = Path(tempfile.mkdtemp(prefix="lalora-shift-"))
     try:
-        for target in params.shifted(layout.dataset):
+        for target in targets:
             test = target_split(params, target, layout.root, scratch)
             if loaded is None:
                 card = params.card(layout.model)
