@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lalora.collect import markdown, summarise
+from lalora.collect import markdown, summarise, summary_rows
 from lalora.grid import GridError, load_grid, plan
 from lalora.remote import Mirror, RemoteError, check_plugin
 from tests.studies import copy_study, experiments
@@ -209,22 +209,24 @@ GRID = {
     "datasets": ["generated"],
     "seeds": [0, 1],
     "axes": {"model": "models=[{}]", "dataset": "datasets=[{}]"},
-    "overrides": ["finetune.steps=4", "finetune.save_every=2", "checkpoints=[0,2,4]"],
+    # the shared study's schedule (2 steps, checkpoints 0 and 2), saved after every step
+    "overrides": ["finetune.save_every=1"],
 }
 
 
 @pytest.mark.slow
-def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(study):
-    """submitit's local executor runs the 2 x 1 x 2 grid; the cell tiny-b, seed 1 is killed
-    after its step-2 checkpoint and resubmitted, and resumes from the mirrored checkpoints.
-    Clone C pulls every experiment; its rows of the killed cell and of tiny-a, seed 0 equal
-    those of clone A running those cells one after another."""
+def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(two_model_study, study):
+    """submitit's local executor runs the 2 x 1 x 2 grid; the cell tiny-b, seed 0 is killed
+    after its step-1 checkpoint and resubmitted, and resumes from the mirrored checkpoints.
+    Clone C pulls every experiment; its rows of the seed-0 cells, the killed one included,
+    equal those of the shared study, which ran both models one after another with checkpoints
+    every 2 steps (a plain run: nothing killed, nothing resumed)."""
     a, env, _, _ = study
     grid_file = write(a / "conf" / "sweep" / "g.yaml", GRID)
     commit_and_push(a, env, "grid")
-    killed = "g-tiny-b-generated-s1"
+    killed = "g-tiny-b-generated-s0"
     kenv = {**env, "PYTHONPATH": f"{ROOT / 'tests' / 'grid_kill'}{os.pathsep}{env['PYTHONPATH']}",
-            "LALORA_TEST_KILL_CELL": killed, "LALORA_TEST_KILL_STEP": "2",
+            "LALORA_TEST_KILL_CELL": killed, "LALORA_TEST_KILL_STEP": "1",
             "LALORA_TEST_KILL_MARKER": str(a.parent / "killed")}  # fmt: skip
     start = time.monotonic()
     out = sh([sys.executable, "-m", "lalora.grid", "submit", grid_file, "--executor", "local",
@@ -235,7 +237,7 @@ def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(study):
     assert out.count("landed") >= 4
     logs = a / ".dvc" / "tmp" / "grid" / "g"
     text = "\n".join(p.read_text() for p in logs.glob("*_log.out"))
-    assert "restored models/tiny-b/generated/checkpoints/step-2 from the remote" in text
+    assert "restored models/tiny-b/generated/checkpoints/step-1 from the remote" in text
     assert "another configuration" not in text and "rejected" not in text
     # every cell lands in the collecting clone's dvc exp show
     c = clone(study, "c")
@@ -245,21 +247,14 @@ def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(study):
     names = {e.get("name") for e in experiments(shown)}
     cells = [f"g-{m}-generated-s{s}" for m in ("tiny-a", "tiny-b") for s in (0, 1)]
     assert set(cells) <= names
-    # the killed cell, and one of the other model and seed, run again one after another in
-    # clone A's workspace: the grid's results are those of plain runs, the resumed one's too
-    reference = {(cell.model, cell.seed) for cell in load_grid(grid_file).cells()
-                 if cell.name in (killed, "g-tiny-a-generated-s0")}  # fmt: skip
-    for cell in load_grid(grid_file).cells():
-        if (cell.model, cell.seed) not in reference:
-            continue
-        args = [sys.executable, "-m", "dvc", "exp", "run", "-n", f"{cell.name}"]
-        sh([*args, *[x for o in cell.overrides for x in ("-S", o)]], a, env)
-    sh([sys.executable, "-m", "lalora.grid", "collect", grid_file, "--no-pull",
-        "--out", a / "grids" / "ref"], a, env)  # fmt: skip
+    # the seed-0 cells, the killed one included, are the shared study's plain runs
+    summary = json.loads((two_model_study.path / "metrics" / "summary.json").read_text())
+    ref = pd.DataFrame([row for cell in load_grid(grid_file).cells() if cell.seed == 0
+                        for row in summary_rows(summary, cell)])  # fmt: skip
     got = pd.read_csv(c / "grids" / "g" / "cells.csv")
-    ref = pd.read_csv(a / "grids" / "ref" / "cells.csv")
     assert len(got) >= 4 * 3 and got.seed.nunique() == 2 and len(ref) == len(got) // 2
-    mine = [(m, s) in reference for m, s in zip(got.model, got.seed, strict=True)]
+    assert set(ref.model) == {"tiny-a", "tiny-b"} and set(ref.step) == {2}
+    mine = (got.seed == 0).to_numpy()
     pd.testing.assert_frame_equal(got[mine].reset_index(drop=True), ref, rtol=1e-6)
     # the cells are not mixed up: each model's two seeds give other numbers
     for model in ("tiny-a", "tiny-b"):

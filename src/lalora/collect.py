@@ -55,15 +55,22 @@ def read_cells(project: Path, cells: list[Cell]) -> pd.DataFrame:
                               capture_output=True, text=True)  # fmt: skip
         if text.returncode != 0:
             raise RemoteError(f"experiment {cell.name} ({commit[:8]}) has no {SUMMARY}")
-        entry = json.loads(text.stdout)[cell.model][cell.dataset]
-        for method, values in entry.items():
-            if isinstance(values, dict) and "nll" in values:
-                rows.append({"model": cell.model, "dataset": cell.dataset, "seed": cell.seed,
-                             "step": entry["step"], "method": method,
-                             **{m: values[m] for m in METRICS if m in values}})  # fmt: skip
+        rows.extend(summary_rows(json.loads(text.stdout), cell))
     if missing:
         print(f"collect: no experiment yet for {len(missing)} cell(s): {', '.join(missing)}")
     return pd.DataFrame(rows)
+
+
+def summary_rows(summary: dict, cell: Cell) -> list[dict]:
+    """The rows of ``cell`` in a study's ``metrics/summary.json`` (its final checkpoint): one
+    per method, with model, dataset, seed, step and the metrics."""
+    entry = summary[cell.model][cell.dataset]
+    return [
+        {"model": cell.model, "dataset": cell.dataset, "seed": cell.seed, "step": entry["step"],
+         "method": method, **{m: values[m] for m in METRICS if m in values}}
+        for method, values in entry.items()
+        if isinstance(values, dict) and "nll" in values
+    ]  # fmt: skip
 
 
 def summarise(cells: pd.DataFrame) -> pd.DataFrame:

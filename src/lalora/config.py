@@ -424,14 +424,17 @@ class LaunchConfig:
     (0: what the machine has available; :mod:`lalora.memory` refuses a setting estimated to
     need more; on CUDA also one above the GPU's free memory). ``device``: where the model
     computes (``auto``: ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``; or ``cpu``, ``cuda``,
-    ``cuda:N``; :mod:`lalora.devices`). The stages do not declare these keys: results equal
-    the 1-process CPU run's (to round-off), so changing them reruns nothing."""
+    ``cuda:N``; :mod:`lalora.devices`). ``warm_start``: a 1-process stage runs in a fork of a
+    server that has imported its libraries once (:mod:`lalora.warm`). The stages do not
+    declare these keys: results equal the 1-process CPU run's (to round-off), so changing them
+    reruns nothing."""
 
     nproc_per_node: int
     backend: Literal["auto", "gloo", "nccl"]
     threads: int
     memory_gb: float
     device: str
+    warm_start: bool
 
     def __post_init__(self) -> None:
         if not DEVICE_SPEC.match(self.device):

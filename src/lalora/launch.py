@@ -1,6 +1,7 @@
 """Start a stage script as ``launch`` in params.yaml says: ``python -m lalora.launch
 stages/fit_kfac.py --model ...`` replaces itself (``exec``) with ``python stages/fit_kfac.py
-...`` when ``launch.nproc_per_node`` is 1, and with ``torchrun --standalone --nproc-per-node N
+...`` when ``launch.nproc_per_node`` is 1 (or runs it in a fork of the warm-start server,
+:mod:`lalora.warm`, when ``launch.warm_start``), and with ``torchrun --standalone --nproc-per-node N
 stages/fit_kfac.py ...`` (``python -m torch.distributed.run``; a free rendezvous port, so
 concurrent experiments do not collide) when it is N > 1.
 
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     cmd, env = command(script, args, found["launch"])
     if found["launch"].nproc_per_node > 1:
         print(f"launch: {found['launch'].nproc_per_node} processes (torchrun) for {script}")
+    elif found["launch"].warm_start:
+        from lalora.warm import exit_as
+        from lalora.warm import run as run_warm
+
+        code = run_warm(cmd[1:], env)
+        if code is not None:
+            exit_as(code)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
 
