@@ -21,6 +21,7 @@ nothing from ``lalora``; the launcher's side is :func:`run`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -141,10 +142,8 @@ def run(argv: list[str], env: dict[str, str], cwd: str | None = None) -> int | N
             return None
 
         def forward(signum, _frame):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
         for name in FORWARDED:
             signal.signal(getattr(signal, name), forward)
@@ -186,7 +185,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     import threading
     import traceback
 
-    code = 1  # noqa: F841 (read in the finally clause)
+    code = 1
     try:
         conn.close()
         for target, fd in enumerate(fds):
@@ -229,10 +228,8 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):
                 stream.flush()
-            except Exception:
-                pass
         os._exit(code)
 
 
@@ -287,10 +284,8 @@ def serve(path: Path, idle_s: float) -> None:
         for pid, conn in list(running.items()):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
-                try:
+                with contextlib.suppress(OSError):
                     conn.sendall(f"exit {status}\n".encode())
-                except OSError:
-                    pass
                 conn.close()
                 del running[pid]
                 last = time.monotonic()
