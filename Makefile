@@ -4,13 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers (test modules are the unit of distribution: module fixtures run once)
+PYTEST_WORKERS ?= 2
 TORCH_PIP_ARGS ?=
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: setup repro test lint bench gpu-check remote
+.PHONY: setup repro test test-unit lint bench gpu-check remote
 
 setup: $(STAMP)
 
@@ -26,7 +28,12 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src stages tests bench
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+
+# the fast inner loop: everything but the end-to-end DVC studies (marked slow)
+test-unit: $(STAMP)
+	$(BIN)/ruff check src stages tests bench
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 # On a CUDA machine: the study's GPU path in a few minutes, offline, without DVC (see
 # docs/scaling.md). It needs torch, transformers, peft and accelerate (bitsandbytes for nf4).

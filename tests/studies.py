@@ -121,28 +121,34 @@ def experiments(shown: list[dict]) -> list[dict]:
 
 def two_models(_, params) -> None:
     """The shared study's params: tiny-a (Llama) and tiny-b (Phi-3, fused qkv_proj) on the
-    generated task (16 train, 4 of them validation, 8 test)."""
+    generated task (16 train, 4 of them validation, 8 test), checkpoints 0, 1 and 2."""
     params["models"] = ["tiny-a", "tiny-b"]
     params["zoo"] = {
         "tiny-a": {**TINY, "arch": "llama"},
         "tiny-b": {**TINY, "arch": "phi3", "targets": ["qkv_proj"]},
     }
     params["data"]["generated"].update(n_train=16, n_test=8, val_size=4)
+    # a checkpoint after every step: the grid test kills a run after step 1 and resumes it
+    params["finetune"].update(save_every=1)
+    params["checkpoints"] = [0, 1, 2]
 
 
 @dataclass(frozen=True)
 class Study:
-    """A finished tiny study: its folder, the environment its commands run in, and the stages
-    its first ``dvc repro`` ran (``sources`` aside)."""
+    """A finished tiny study: its folder, the environment its commands run in, the stages its
+    first ``dvc repro`` ran (``sources`` aside) and where each stage's time went."""
 
     path: Path
     env: dict
     ran: frozenset[str]
+    times: Path  # the first repro's LALORA_TIMES lines (lalora.timing)
 
 
 def build_two_model_study(tmp_path_factory) -> Study:
     repo, env = make_repo(tmp_path_factory, two_models)
-    return Study(repo, env, frozenset(repro(repo, env)))
+    times = repo.parent / "times.jsonl"
+    ran = repro(repo, {**env, "LALORA_TIMES": str(times)})
+    return Study(repo, env, frozenset(ran), times)
 
 
 def copy_study(study: Study, tmp_path_factory, name: str) -> tuple[Path, dict]:

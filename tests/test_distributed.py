@@ -79,6 +79,10 @@ def test_heavy_stages_launch_through_params_and_do_not_depend_on_them():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("finetune", "members", "fit_kfac", "tune_prior", "evaluate", "shift"):
         assert stages[name]["cmd"].startswith(f"python -m lalora.launch stages/{name}.py"), name
+    for name in ("export", "aggregate"):  # one process whatever nproc_per_node, warm if asked
+        assert stages[name]["cmd"].startswith(
+            f"python -m lalora.launch --one-process stages/{name}.py"
+        ), name
     for name, stage in stages.items():
         assert not any(str(p).startswith("launch") for p in stage.get("params", [])), name
 

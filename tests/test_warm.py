@@ -127,3 +127,15 @@ def test_no_warm_start_execs_the_script(folder):
     (top / "off.yaml").write_text(yaml.safe_dump(params))
     out = launch(top, env, "--params", "off.yaml").stdout
     assert "preloaded False" in out
+
+
+def test_one_process_ignores_nproc_per_node(folder):
+    top, env = folder
+    params = yaml.safe_load((top / "params.yaml").read_text())
+    params["launch"]["nproc_per_node"] = 2
+    (top / "two.yaml").write_text(yaml.safe_dump(params))
+    res = subprocess.run([sys.executable, "-m", "lalora.launch", "--one-process", "stages/s.py",
+                          "--params", "two.yaml"], cwd=top, env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and res.stdout.count("argv") == 1 and "torchrun" not in res.stdout
+    assert "preloaded True" in res.stdout

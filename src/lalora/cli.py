@@ -1,6 +1,7 @@
 """Entry point wrapper for the stage scripts: a :class:`~lalora.errors.UserError` exits with
 status 2 and one paragraph on stderr, no traceback; ``--debug`` (or ``LALORA_DEBUG=1``) shows
-the traceback. Anything else is a bug and keeps its traceback."""
+the traceback. Anything else is a bug and keeps its traceback. With ``LALORA_TIMES`` set, a
+finished stage records where its time went (:mod:`lalora.timing`)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,30 @@ import errno
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lalora.errors import UserError
+from lalora.timing import record
 
 EXIT_USER_ERROR = 2
 
 
-def run(main: Callable[[], None], argv: list[str] | None = None) -> None:
-    """Call ``main()``; turn a user error into a short message and exit status 2."""
+def run(main: Callable[[], None], argv: list[str] | None = None, timed: bool = True) -> None:
+    """Call ``main()``; turn a user error into a short message and exit status 2. ``timed``:
+    record the stage's time where ``LALORA_TIMES`` asks (not for ``lalora.launch``'s own
+    reading of the params, which the stage it starts records)."""
     args = sys.argv if argv is None else argv
     debug = "--debug" in args or os.environ.get("LALORA_DEBUG", "") not in ("", "0")
     while "--debug" in args:
         args.remove("--debug")
     stage = Path(args[0]).stem if args else "lalora"
+    start = time.time()
     try:
         main()
+        if timed:
+            record(stage, list(args[1:]), start)
     except UserError as err:
         if debug:
             raise

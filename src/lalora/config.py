@@ -9,6 +9,7 @@ configurator (an override must keep its default's type).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -122,6 +123,12 @@ def read_conf(conf_dir: Path = CONF_DIR) -> dict:
     return out
 
 
+@functools.cache
+def _conf_at_import() -> dict:
+    """``conf/`` as read once, when the section dataclasses are defined (they only read it)."""
+    return read_conf()
+
+
 def _conf_defaults(*section: str):
     """Give a section dataclass (applied before ``@dataclass``) the defaults of ``conf/``'s
     ``section`` (e.g. ``("finetune",)``, ``("data", "generated")``), typed by its annotations.
@@ -132,7 +139,7 @@ def _conf_defaults(*section: str):
     def apply(cls):
         if not CONF_DIR.is_dir():
             return cls
-        values = read_conf()
+        values = _conf_at_import()
         for key in section:
             values = values[key]
         hints = typing.get_type_hints(cls)

@@ -5,22 +5,29 @@ stages/fit_kfac.py --model ...`` replaces itself (``exec``) with ``python stages
 stages/fit_kfac.py ...`` (``python -m torch.distributed.run``; a free rendezvous port, so
 concurrent experiments do not collide) when it is N > 1.
 
+``python -m lalora.launch --one-process stages/export.py ...`` runs one process whatever N is
+(warm where ``launch.warm_start`` says): the stages that are not data parallel.
+
 The stage's ``cmd`` in dvc.yaml names neither N nor the backend, and no stage declares the
 ``launch`` keys: the results do not depend on them, so changing them reruns nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from lalora.config import LaunchConfig, load_params
+from lalora.timing import LAUNCH_START, process_start
+
+ONE_PROCESS = "--one-process"  # a stage that is not data parallel (export, aggregate)
 
 
 def command(script: str, args: list[str], launch: LaunchConfig) -> tuple[list[str], dict]:
     """The argv and environment that run ``script args`` under ``launch``."""
-    env = dict(os.environ)
+    env = {**os.environ, LAUNCH_START: str(process_start())}
     if launch.threads:
         env["OMP_NUM_THREADS"] = str(launch.threads)
     if launch.nproc_per_node == 1:
@@ -46,8 +53,10 @@ def params_path(args: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    one = argv[:1] == [ONE_PROCESS]
+    argv = argv[1:] if one else argv
     if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python -m lalora.launch STAGE_SCRIPT [ARGS...]")
+        sys.exit(f"usage: python -m lalora.launch [{ONE_PROCESS}] STAGE_SCRIPT [ARGS...]")
     script, args = argv[0], argv[1:]
     from lalora.cli import run
 
@@ -61,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
             check_backend(launch.backend)
         found["launch"] = launch
 
-    run(read, [script])
+    run(read, [script], timed=False)
+    if one:
+        found["launch"] = dataclasses.replace(found["launch"], nproc_per_node=1)
     cmd, env = command(script, args, found["launch"])
     if found["launch"].nproc_per_node > 1:
         print(f"launch: {found['launch'].nproc_per_node} processes (torchrun) for {script}")

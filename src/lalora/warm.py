@@ -1,5 +1,6 @@
-"""Warm start for stage processes: a fork server that has imported torch, transformers and peft
-once, and forks a child for each stage that ``lalora.launch`` starts (``launch.warm_start``).
+"""Warm start for stage processes: a fork server that has imported torch, transformers, peft,
+pandas and matplotlib once, and forks a child for each stage that ``lalora.launch`` starts
+(``launch.warm_start``).
 
 A heavy stage's own start is its library imports (torch, then peft through transformers: 5-7 s
 on a small CPU), paid again by every stage of a study. The server pays them once; each stage
@@ -9,7 +10,8 @@ and arguments, as ``python stages/<script> ...`` would, and the launcher exits w
 passed to the stage; a launcher that dies takes its stage with it).
 
 What the server holds is keyed by everything that decides it: the interpreter, the working
-directory, the environment (but ``DVC_STAGE`` and the shell's own variables) and the state of
+directory, the environment (but ``DVC_STAGE``, the launcher's start time and the shell's own
+variables) and the state of
 site-packages (any install or removal there changes the key). It imports third-party libraries
 only, never ``lalora``: each stage imports the project's code fresh from disk, so a code change
 is seen by the next stage as by a new process. A server exits after ``IDLE_S`` seconds without
@@ -33,9 +35,19 @@ import tempfile
 import time
 from pathlib import Path
 
-PRELOAD = ("torch", "transformers", "peft", "safetensors.torch", "numpy", "yaml", "tqdm")
+PRELOAD = (
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors.torch",
+    "numpy",
+    "yaml",
+    "tqdm",
+    "pandas",
+    "matplotlib.pyplot",
+)
 IDLE_S = 120.0
-IGNORED_ENV = frozenset({"DVC_STAGE", "PWD", "OLDPWD", "SHLVL", "_"})
+IGNORED_ENV = frozenset({"DVC_STAGE", "LALORA_LAUNCH_START", "PWD", "OLDPWD", "SHLVL", "_"})
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 _HEADER = struct.Struct("!Q")
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from lalora.config import ModelCard
 from lalora.errors import ModelError
+from lalora.timing import timed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -272,6 +273,7 @@ def quantization_kwargs(card: ModelCard, device: torch.device | None = None) -> 
     return {"quantization_config": config, "device_map": {"": index}}
 
 
+@timed("model_load_s")
 def load_base_model(
     card: ModelCard, vocab_size: int | None = None, seed: int = 0,
     device: torch.device | str = "cpu",
