@@ -120,13 +120,17 @@ class Mirror:
     def push(self) -> list[str]:
         """Copy every completed checkpoint not yet sent (written to a staging name on the
         remote, then moved into place); returns what was sent."""
+        new = []
+        for rel in self.completed():
+            stamp = f"{rel.as_posix()}:{os.stat(self.project / rel / 'trainer.json').st_mtime_ns}"
+            if stamp not in self.sent:
+                new.append((rel, stamp))
+        if not new:  # nothing to send: no need to open the project's DVC remote
+            return []
         fs, root = self._remote()
         done = []
-        for rel in self.completed():
+        for rel, stamp in new:
             ckpt = self.project / rel
-            stamp = f"{rel.as_posix()}:{os.stat(ckpt / 'trainer.json').st_mtime_ns}"
-            if stamp in self.sent:
-                continue
             dest = str(root / rel.as_posix())
             staging = str(root / rel.parent.as_posix() / f".{rel.name}.staging")
             for path in (staging, dest):
