@@ -54,8 +54,10 @@ def folder():
     shutil.rmtree(top)
 
 
-def launch(top: Path, env: dict, *args: str, warm: bool = True) -> subprocess.CompletedProcess:
-    argv = ["-m", "lalora.launch"] if warm else []
+def launch(
+    top: Path, env: dict, *args: str, warm: bool = True, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    argv = ["-m", "lalora.launch", *flags] if warm else []
     return subprocess.run([sys.executable, *argv, "stages/s.py", *args], cwd=top, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
@@ -134,8 +136,6 @@ def test_one_process_ignores_nproc_per_node(folder):
     params = yaml.safe_load((top / "params.yaml").read_text())
     params["launch"]["nproc_per_node"] = 2
     (top / "two.yaml").write_text(yaml.safe_dump(params))
-    res = subprocess.run([sys.executable, "-m", "lalora.launch", "--one-process", "stages/s.py",
-                          "--params", "two.yaml"], cwd=top, env=env, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    res = launch(top, env, "--params", "two.yaml", flags=("--one-process",))
     assert res.returncode == 0 and res.stdout.count("argv") == 1 and "torchrun" not in res.stdout
     assert "preloaded True" in res.stdout
