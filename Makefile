@@ -9,7 +9,8 @@ PYTEST_WORKERS ?= 2
 TORCH_PIP_ARGS ?=
 # torch comes through pip (it finds a local wheel where one is provided); the rest through uv,
 # which resolves and installs the ~150 packages in seconds where pip takes a minute and a half
-UV = $(BIN)/uv pip install --python $(BIN)/python --quiet
+# (compiled to bytecode, as pip does: where PYTHONDONTWRITEBYTECODE is set nothing else would)
+UV = $(BIN)/uv pip install --python $(BIN)/python --quiet --compile-bytecode
 
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
