@@ -5,7 +5,7 @@ the outputs' largest difference from the 1-process run, and each stage's communi
     python -m bench.processes                      # the default study's last checkpoint
     python -m bench.processes --step 400 --repeats 3 --out bench/processes.md
 
-Runs the stage scripts through :mod:`lalora.launch` exactly as ``dvc repro`` does, on the
+Runs the stage scripts through :mod:`lalora.scale.launch` exactly as ``dvc repro`` does, on the
 artifacts under ``models/`` and ``data/`` (run ``dvc repro`` first); writes only under a
 temporary folder. Repeats alternate the settings, and times are medians.
 """
@@ -25,9 +25,9 @@ import torch
 import yaml
 
 from lalora.config import LaunchConfig, load_params
-from lalora.io import atomic_write_text, load_predictions
+from lalora.core.io import atomic_write_text, load_predictions
 from lalora.laplace.posterior import Posterior
-from lalora.launch import command
+from lalora.scale.launch import command
 
 SETTINGS = {  # name: (processes, threads per process; 0 = torch's default)
     "1 process, default threads": (1, 0),
@@ -71,53 +71,50 @@ def factor_entries(post: Posterior) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--model", default=None)
     p.add_argument("--dataset", default=None)
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                   help="the settings to time (the first is the reference)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench/processes.md"))
-    args = p.parse_args(argv)
-    params = load_params(args.params)
-    model = args.model or params.models[0]
-    dataset = args.dataset or params.datasets[0]
-    step = params.checkpoints[-1] if args.step is None else args.step
+    return p.parse_args(argv)
+
+
+def stage_args(model: str, dataset: str, step: int, out: Path) -> dict[str, list[str]]:
+    """The arguments of ``fit_kfac`` and ``evaluate`` on the study's artifacts of ``step``,
+    writing under ``out``."""
     root = Path("models") / model / dataset
-    tmp = Path(tempfile.mkdtemp(prefix="lalora-processes-"))
-    raw = yaml.safe_load(args.params.read_text())
-    raw["launch"] = {"nproc_per_node": 1, "backend": "gloo", "threads": 0}
-    local = tmp / "params.yaml"
-    local.write_text(yaml.safe_dump(raw))
+    adapter = str(root / "adapters" / f"step-{step}")
+    return {
+        "fit_kfac": ["--model", model, "--adapter", adapter, "--data",
+                     f"data/{dataset}/train.jsonl", "--out", str(out / "kfac")],
+        "evaluate": ["--model", model, "--dataset", dataset, "--step", str(step),
+                     "--adapter", adapter, "--kfac", str(root / "kfac" / f"step-{step}"),
+                     "--prior", str(root / "prior" / f"step-{step}.json"),
+                     "--data", f"data/{dataset}/test.jsonl", "--out", str(out / "metrics.json"),
+                     "--predictions", str(out / "pred.safetensors")],
+    }  # fmt: skip
+
+
+def measure(args: argparse.Namespace, model: str, dataset: str, step: int, local: Path):
+    """Each setting's stage times (``(stage, setting) -> [seconds]``), each output's largest
+    difference from the first setting's, and the first setting's factors."""
     times: dict[tuple[str, str], list[float]] = {}
     diffs: dict[tuple[str, str], float] = {}
     ref: dict[str, object] = {}
     for _ in range(args.repeats):
-        for name, (nproc, threads) in SETTINGS.items():
-            out = tmp / name.replace(" ", "_").replace(",", "")
-            kfac = out / "kfac"
-            t = run_stage(
-                "stages/fit_kfac.py",
-                ["--model", model, "--adapter", str(root / "adapters" / f"step-{step}"),
-                 "--data", f"data/{dataset}/train.jsonl", "--out", str(kfac)],
-                nproc, threads, local,
-            )  # fmt: skip
-            times.setdefault(("fit_kfac", name), []).append(t)
-            pred = out / "pred.safetensors"
-            t = run_stage(
-                "stages/evaluate.py",
-                ["--model", model, "--dataset", dataset, "--step", str(step),
-                 "--adapter", str(root / "adapters" / f"step-{step}"),
-                 "--kfac", str(root / "kfac" / f"step-{step}"),
-                 "--prior", str(root / "prior" / f"step-{step}.json"),
-                 "--data", f"data/{dataset}/test.jsonl",
-                 "--out", str(out / "metrics.json"), "--predictions", str(pred)],
-                nproc, threads, local,
-            )  # fmt: skip
-            times.setdefault(("evaluate", name), []).append(t)
-            post = Posterior.load(kfac)
-            probs = load_predictions(pred)[0]
+        for name in args.settings:
+            nproc, threads = SETTINGS[name]
+            out = local.parent / name.replace(" ", "_").replace(",", "")
+            for stage, stage_argv in stage_args(model, dataset, step, out).items():
+                t = run_stage(f"stages/{stage}.py", stage_argv, nproc, threads, local)
+                times.setdefault((stage, name), []).append(t)
+            post = Posterior.load(out / "kfac")
+            probs = load_predictions(out / "pred.safetensors")[0]
             if not ref:
                 ref = {"post": post, "probs": probs}
                 continue
@@ -125,7 +122,14 @@ def main(argv: list[str] | None = None) -> None:
             diffs[("fit_kfac", name)] = max(diffs.get(("fit_kfac", name), 0.0), d)
             d = max(float((probs[m] - ref["probs"][m]).abs().max()) for m in probs)
             diffs[("evaluate", name)] = max(diffs.get(("evaluate", name), 0.0), d)
-    post = ref["post"]
+    return times, diffs, ref["post"]
+
+
+def render(args, model: str, dataset: str, step: int, times, diffs, post: Posterior) -> str:
+    # the speed-up is against one thread (the reference of the differences is the first setting)
+    base_name = (
+        "1 process, 1 thread" if "1 process, 1 thread" in args.settings else args.settings[0]
+    )
     entries = factor_entries(post)
     n_lora = sum(f.a.dim * f.g.dim for f in post.modules.values())
     lines = [
@@ -137,12 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         "largest relative difference; predictions: the largest absolute difference of any "
         "method's probability).",
         "",
-        "| stage | setting | median s | vs 1 process, 1 thread | difference |",
+        f"| stage | setting | median s | vs {base_name} | difference |",
         "|---|---|---:|---:|---:|",
     ]
     for stage in ("fit_kfac", "evaluate"):
-        base = statistics.median(times[(stage, "1 process, 1 thread")])
-        for name in SETTINGS:
+        base = statistics.median(times[(stage, base_name)])
+        for name in args.settings:
             t = statistics.median(times[(stage, name)])
             diff = diffs.get((stage, name))
             lines.append(
@@ -162,8 +166,24 @@ def main(argv: list[str] | None = None) -> None:
         "projections of each process's share, gathered once.",
         "",
     ]
-    atomic_write_text(args.out, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    params = load_params(args.params)
+    model = args.model or params.models[0]
+    dataset = args.dataset or params.datasets[0]
+    step = params.checkpoints[-1] if args.step is None else args.step
+    tmp = Path(tempfile.mkdtemp(prefix="lalora-processes-"))
+    raw = yaml.safe_load(args.params.read_text())
+    raw["launch"] = {"nproc_per_node": 1, "backend": "gloo", "threads": 0}
+    local = tmp / "params.yaml"
+    local.write_text(yaml.safe_dump(raw))
+    times, diffs, post = measure(args, model, dataset, step, local)
+    text = render(args, model, dataset, step, times, diffs, post)
+    atomic_write_text(args.out, text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from lalora.classifier import Batch
+from lalora.models.classifier import Batch
 
 
 def available() -> bool:

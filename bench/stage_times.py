@@ -1,4 +1,4 @@
-"""The per-stage time table of a study run with ``LALORA_TIMES`` set (:mod:`lalora.timing`):
+"""The per-stage time table of a study run with ``LALORA_TIMES`` set (:mod:`lalora.core.timing`):
 
     LALORA_TIMES=times.jsonl dvc repro
     python -m bench.stage_times times.jsonl --wall 612 --out bench/stage_times.md

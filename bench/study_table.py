@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from lalora.io import atomic_write_text
+from lalora.core.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = (
@@ -79,6 +79,97 @@ def gaps(groups: dict[str, list[dict]]) -> dict[tuple[str, str, str], list[tuple
     return out
 
 
+def _cell(vs: list[dict], lam: bool = False) -> str:
+    """NLL / ECE / mean confidence over seeds (and lambda in brackets)."""
+    text = " / ".join(stat([v[m] for v in vs]) for m in ("nll", "ece", "conf"))
+    if lam:
+        text += f" ({stat([v['lambda'] for v in vs], 3, 'g')})"
+    return text
+
+
+def gap_lines(groups: dict[str, list[dict]]) -> list[str]:
+    """The worst NLL gap of each variant to LA (val), over every run and trained checkpoint."""
+    lines = [
+        "## Worst NLL gap to LA (val) over the trained checkpoints",
+        "",
+        "| normalisation | evidence | prior mean | worst gap (where) | mean gap | within 0.02 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, rows in sorted(gaps(groups).items(), key=lambda kv: max(g for _, g in kv[1])):
+        where, worst = max(rows, key=lambda r: r[1])
+        mean = statistics.mean(g for _, g in rows)
+        ok = "yes" if worst <= 0.02 else "no"
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {worst:+.3f} ({where}) | {mean:+.3f} | {ok} |")
+    return lines
+
+
+def run_lines(name: str, runs: list[dict]) -> list[str]:
+    """One run's tables: the scores per checkpoint, the mechanism, the shift."""
+    seeds = sorted(r["seed"] for r in runs if r["seed"] is not None)
+    first = runs[0]
+    n = first["n"]
+    note = re.sub(r", fine-tuning seed \d+$", "", first["note"])
+    lines = [
+        "",
+        f"## {name}" + (f" (seeds {', '.join(map(str, seeds))})" if seeds else ""),
+        "",
+        f"{note}; {n['train']} training, {n['val']} validation, {n['test']} test "
+        f"prompts. NLL / ECE / mean confidence; lambda in brackets.",
+        "",
+        "| step | MAP | temperature | LA (val) | " + " | ".join(h[3] for h in HEADLINE) + " |",
+        "|---|---|---|---|" + "---|" * len(HEADLINE),
+    ]
+    for step, entries in per_step(runs).items():
+        row = [
+            str(step),
+            _cell([e["map"] for e in entries]),
+            _cell([e["temperature"] for e in entries]),
+            _cell([e["la_val"] for e in entries], lam=True),
+        ]
+        row += [_cell([variant(e, h[:3]) for e in entries], lam=True) for h in HEADLINE]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + mechanism_lines(runs) + shift_lines(first)
+
+
+def mechanism_lines(runs: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "| step | train conf | sum tr(Lambda_n) | delta' H delta (ours, init) | "
+        "share of ||delta||^2 with h > lambda | symmetry share | ||grad log p(D)|| | "
+        "gradient's log Z (linear) | trace padded / rows, all modules |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for step, entries in per_step(runs).items():
+        ms = [e["mechanism"] for e in entries]
+        ours = [variant(e, ("rows", "standard", "init")) for e in entries]
+        lin = [variant(e, ("rows", "linear", "init")) for e in entries]
+        lines.append(
+            f"| {step} | {stat([m['train_confidence'] for m in ms], 4)} | "
+            f"{stat([m['fisher_trace'] for m in ms], 3)} | "
+            f"{stat([v['delta_h_delta'] for v in ours], 1)} | "
+            f"{stat([v['share_above'] for v in ours], 4)} | "
+            f"{stat([m['symmetry_share_init'] for m in ms], 3)} | "
+            f"{stat([m['gradient_norm'] for m in ms], 3)} | "
+            f"{stat([v['gradient_log_z'] for v in lin], 2)} | "
+            f"{stat([m['trace_ratio_padded_to_rows'] for m in ms], 1)} |"
+        )
+    return lines
+
+
+def shift_lines(first: dict) -> list[str]:
+    lines = []
+    for e in first["steps"]:
+        for target, out in e.get("shift", {}).items():
+            lines += ["", f"Shift at step {e['step']}: {first['dataset']} -> {target} "
+                      "(NLL / ECE / mean confidence)", "",
+                      "| method | NLL / ECE / conf |", "|---|---|"]  # fmt: skip
+            lines += [
+                f"| {k} | {v['nll']:.3f} / {v['ece']:.3f} / {v['conf']:.3f} |"
+                for k, v in out.items()
+            ]
+    return lines
+
+
 def write_table(out_dir: Path, path: Path) -> str:
     groups = load(out_dir)
     if not groups:
@@ -92,77 +183,10 @@ def write_table(out_dir: Path, path: Path) -> str:
         "the training set (no validation data); LA (val) and temperature scaling use the "
         "validation split. Seeds: mean ± standard deviation.",
         "",
-        "## Worst NLL gap to LA (val) over the trained checkpoints",
-        "",
-        "| normalisation | evidence | prior mean | worst gap (where) | mean gap | within 0.02 |",
-        "|---|---|---|---|---|---|",
+        *gap_lines(groups),
     ]
-    for k, rows in sorted(gaps(groups).items(), key=lambda kv: max(g for _, g in kv[1])):
-        where, worst = max(rows, key=lambda r: r[1])
-        mean = statistics.mean(g for _, g in rows)
-        ok = "yes" if worst <= 0.02 else "no"
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {worst:+.3f} ({where}) | {mean:+.3f} | {ok} |")
     for name, runs in groups.items():
-        seeds = sorted(r["seed"] for r in runs if r["seed"] is not None)
-        first = runs[0]
-        n = first["n"]
-        note = re.sub(r", fine-tuning seed \d+$", "", first["note"])
-        lines += [
-            "",
-            f"## {name}" + (f" (seeds {', '.join(map(str, seeds))})" if seeds else ""),
-            "",
-            f"{note}; {n['train']} training, {n['val']} validation, {n['test']} test "
-            f"prompts. NLL / ECE / mean confidence; lambda in brackets.",
-            "",
-            "| step | MAP | temperature | LA (val) | " + " | ".join(h[3] for h in HEADLINE) + " |",
-            "|---|---|---|---|" + "---|" * len(HEADLINE),
-        ]
-        for step, entries in per_step(runs).items():
-
-            def cell(vs: list[dict], lam: bool = False) -> str:
-                text = " / ".join(stat([v[m] for v in vs]) for m in ("nll", "ece", "conf"))
-                if lam:
-                    text += f" ({stat([v['lambda'] for v in vs], 3, 'g')})"
-                return text
-
-            row = [
-                str(step),
-                cell([e["map"] for e in entries]),
-                cell([e["temperature"] for e in entries]),
-                cell([e["la_val"] for e in entries], lam=True),
-            ]
-            row += [cell([variant(e, h[:3]) for e in entries], lam=True) for h in HEADLINE]
-            lines.append("| " + " | ".join(row) + " |")
-        lines += [
-            "",
-            "| step | train conf | sum tr(Lambda_n) | delta' H delta (ours, init) | "
-            "share of ||delta||^2 with h > lambda | symmetry share | ||grad log p(D)|| | "
-            "gradient's log Z (linear) | trace padded / rows, all modules |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for step, entries in per_step(runs).items():
-            ms = [e["mechanism"] for e in entries]
-            ours = [variant(e, ("rows", "standard", "init")) for e in entries]
-            lin = [variant(e, ("rows", "linear", "init")) for e in entries]
-            lines.append(
-                f"| {step} | {stat([m['train_confidence'] for m in ms], 4)} | "
-                f"{stat([m['fisher_trace'] for m in ms], 3)} | "
-                f"{stat([v['delta_h_delta'] for v in ours], 1)} | "
-                f"{stat([v['share_above'] for v in ours], 4)} | "
-                f"{stat([m['symmetry_share_init'] for m in ms], 3)} | "
-                f"{stat([m['gradient_norm'] for m in ms], 3)} | "
-                f"{stat([v['gradient_log_z'] for v in lin], 2)} | "
-                f"{stat([m['trace_ratio_padded_to_rows'] for m in ms], 1)} |"
-            )
-        for e in runs[0]["steps"]:
-            for target, out in e.get("shift", {}).items():
-                lines += ["", f"Shift at step {e['step']}: {first['dataset']} -> {target} "
-                          "(NLL / ECE / mean confidence)", "",
-                          "| method | NLL / ECE / conf |", "|---|---|"]  # fmt: skip
-                lines += [
-                    f"| {k} | {v['nll']:.3f} / {v['ece']:.3f} / {v['conf']:.3f} |"
-                    for k, v in out.items()
-                ]
+        lines += run_lines(name, runs)
     text = "\n".join(lines) + "\n"
     atomic_write_text(path, text)
     return text

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lalora.adapters import attach_lora, lora_modules
-from lalora.classifier import Batch, answer_logits, answer_token_ids
 from lalora.config import ModelCard, load_params
-from lalora.data import Example, load_local, winogrande_prompt
-from lalora.generated import generate_task
+from lalora.data.datasets import load_local, winogrande_prompt
+from lalora.data.files import Example
+from lalora.data.generated import generate_task
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import predict_covariance, predictive_probs
-from lalora.pipeline import batches, logits_fn, map_probs
-from lalora.zoo import load_card_model
+from lalora.models.adapters import attach_lora, lora_modules
+from lalora.models.classifier import Batch, answer_logits, answer_token_ids
+from lalora.models.pipeline import batches, logits_fn, map_probs
+from lalora.models.zoo import load_card_model
 
 SHARED_WINOGRANDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
 TINY = ModelCard(source="tiny", arch="llama")

@@ -1,16 +1,16 @@
 """Stage aggregate: the methods comparison (metrics/comparison.md|csv), the shift table, Tables
 2-3, the summary metric (every method), the plot csv files (curves and reliability bins of every
 method), Figure 1 and the reliability figure, from the saved results of every stage before it
-(:mod:`lalora.aggregate`)."""
+(:mod:`lalora.study.aggregate`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lalora.aggregate import read_study, write_study
-from lalora.cli import run
 from lalora.config import load_params
+from lalora.core.cli import run
+from lalora.study.aggregate import read_study, write_study
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Stage evaluate@<model>-<dataset>-<step>: MAP, Laplace and the comparison's other methods on
-the dataset's test split (:mod:`lalora.evaluation`); writes the metrics and the per-example
+the dataset's test split (:mod:`lalora.study.evaluation`); writes the metrics and the per-example
 predictions."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.evaluation import evaluate_split
-from lalora.io import atomic_write_json, save_predictions
-from lalora.prune import pruned
+from lalora.core.cli import run
+from lalora.core.io import atomic_write_json, save_predictions
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.study.evaluation import evaluate_split
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """Stage export@<model>-<step>: a checkpoint's adapter as a standard PEFT folder
-(:mod:`lalora.export`)."""
+(:mod:`lalora.training.export`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
-from lalora.export import export_adapter
+from lalora.core.cli import run
+from lalora.training.export import export_adapter
 
 
 def main() -> None:

@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.io import atomic_write_text
-from lalora.provenance import code_fingerprint
-from lalora.prune import pruned
-from lalora.recipe import finetune, usage
+from lalora.core.cli import run
+from lalora.core.io import atomic_write_text
+from lalora.core.provenance import code_fingerprint
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.training.recipe import finetune, usage
 
 
 def main() -> None:

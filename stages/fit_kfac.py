@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.factors import fit_checkpoint
-from lalora.io import clean_staging, publish_dir, staging_dir
-from lalora.prune import pruned
+from lalora.core.cli import run
+from lalora.core.io import clean_staging, publish_dir, staging_dir
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.study.factors import fit_checkpoint
 
 
 def main() -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.members import train_members
-from lalora.provenance import code_fingerprint
-from lalora.prune import pruned
+from lalora.core.cli import run
+from lalora.core.provenance import code_fingerprint
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.training.members import train_members
 
 
 def main() -> None:

@@ -1,14 +1,14 @@
 """Stage prepare@<dataset>: prompts for train, validation (optional, carved from train) and
-test (:mod:`lalora.splits`)."""
+test (:mod:`lalora.data.splits`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.splits import prepare
+from lalora.core.cli import run
+from lalora.data.splits import prepare
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="a key of data in params.yaml")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    sizes = prepare(load_params(args.params).dataset(args.dataset), args.out)
+    sizes = prepare(load_params(args.params).dataset(args.dataset), args.out, args.dataset)
     print(f"prepared {args.dataset}:", sizes)
 
 

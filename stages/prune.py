@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.io import atomic_write_text
-from lalora.prune import measure, plot, write
+from lalora.core.cli import run
+from lalora.core.io import atomic_write_text
+from lalora.models.prune import measure, plot, write
 
 
 def main() -> None:

@@ -1,20 +1,20 @@
 """Stage shift@<model>-<dataset>: the final checkpoint fine-tuned on <dataset> scored on the test
-splits that ``shift.<dataset>`` lists, with every method of the comparison (:mod:`lalora.shift`).
-Writes ``{target: metrics}`` (empty when nothing is listed) and each target's per-example
-predictions."""
+splits that ``shift.<dataset>`` lists, with every method of the comparison
+(:mod:`lalora.study.shift`). Writes ``{target: metrics}`` (empty when nothing is listed) and each
+target's per-example predictions."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.io import atomic_write_json
-from lalora.paths import Layout
-from lalora.prune import pruned
-from lalora.shift import save_shifted, score_targets
+from lalora.core.cli import run
+from lalora.core.io import atomic_write_json
+from lalora.core.paths import Layout
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.study.shift import save_shifted, score_targets
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.splits import write_digests
+from lalora.core.cli import run
+from lalora.data.splits import write_digests
 
 
 def main() -> None:

@@ -1,17 +1,17 @@
 """Stage tune_prior@<model>-<step>: the comparison's priors (marginal likelihood, validation
-NLL, last layer) and the temperature, from one validation pass (:mod:`lalora.priors`)."""
+NLL, last layer) and the temperature, from one validation pass (:mod:`lalora.study.priors`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lalora.cli import run
 from lalora.config import load_params
-from lalora.distributed import finish, init
-from lalora.io import atomic_write_json
-from lalora.priors import tune_checkpoint
-from lalora.prune import pruned
+from lalora.core.cli import run
+from lalora.core.io import atomic_write_json
+from lalora.models.prune import pruned
+from lalora.runtime.distributed import finish, init
+from lalora.study.priors import tune_checkpoint
 
 
 def main() -> None:

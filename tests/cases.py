@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lalora.adapters import lora_modules
-from lalora.classifier import Batch, answer_logits
+from lalora.models.adapters import lora_modules
+from lalora.models.classifier import Batch, answer_logits
 
 
 def report_close(actual: Tensor, expected: Tensor, rtol: float = 1e-9, atol: float = 1e-11) -> None:

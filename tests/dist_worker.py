@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lalora.adapters import attach_lora, lora_modules
-from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, FinetuneConfig, ModelCard
-from lalora.data import load_splits
-from lalora.distributed import finish, init
-from lalora.finetune import train
+from lalora.data.datasets import load_splits
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import jacobian_features, predict_covariances
-from lalora.pipeline import batches, logits_fn
-from lalora.zoo import load_card_model
+from lalora.models.adapters import attach_lora, lora_modules
+from lalora.models.classifier import answer_token_ids
+from lalora.models.pipeline import batches, logits_fn
+from lalora.models.zoo import load_card_model
+from lalora.runtime.distributed import finish, init
+from lalora.training.finetune import RunContext, Task, train
 
 CARD = ModelCard(source="tiny", arch="llama", targets=("q_proj", "v_proj"), lm_head=True)
 CFG = FinetuneConfig(lr=1e-3, batch_size=3, steps=6, save_every=2, max_length=64, seed=1)
@@ -51,7 +51,11 @@ def main() -> None:
         if step == args.stop_at:
             sys.exit(f"killed after step {step}")
 
-    train(model, tok, train_ex, ids, CFG, args.out / "ckpt", "run-1", on_step, False, dist)
+    train(
+        Task(model, tok, train_ex, ids),
+        CFG,
+        RunContext(args.out / "ckpt", "run-1", dist=dist, progress=False, on_step=on_step),
+    )
     if args.weights is not None:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -75,7 +79,7 @@ def main() -> None:
     feats = jacobian_features(model, test, fn, mods, posts["dense"], dist=dist)
     # one batch for two processes: the second one's shard is empty
     few, few_covs = predict_covariances(model, test[:1], fn, mods, posts, dist=dist)
-    from lalora.baselines import mc_dropout_probs
+    from lalora.models.baselines import mc_dropout_probs
 
     mc = mc_dropout_probs(model, test, fn, samples=2, seed=3, dist=dist)
     if dist.main:

@@ -141,7 +141,7 @@ class Study:
     path: Path
     env: dict
     ran: frozenset[str]
-    times: Path  # the first repro's LALORA_TIMES lines (lalora.timing)
+    times: Path  # the first repro's LALORA_TIMES lines (lalora.core.timing)
 
 
 def build_two_model_study(tmp_path_factory) -> Study:

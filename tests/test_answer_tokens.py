@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from lalora.classifier import answer_token_ids
-from lalora.data import read_split, write_split
-from lalora.errors import ModelError
-from lalora.generated import generate_task
+from lalora.core.errors import ModelError
+from lalora.data.files import read_split, write_split
+from lalora.data.generated import generate_task
+from lalora.models.classifier import answer_token_ids
 
 TEXT = (
     "the a of to and in is it that was for on are with as his they be at one have this from or "
@@ -136,7 +136,7 @@ def test_a_prompt_that_the_answer_merges_into_is_refused():
     """An answer that merges with the prompt's last token ("the" + "y" is SmolLM2's single
     token "they"): the prompt's own tokens change, and the prompt is named."""
     from lalora.config import ModelCard
-    from lalora.zoo import load_tokenizer
+    from lalora.models.zoo import load_tokenizer
 
     tok = load_tokenizer(ModelCard(source="tiny", arch="llama"))
     assert len(answer_token_ids(tok, ("y", "m"), ["Question: is it? Answer:"])) == 2
@@ -148,8 +148,8 @@ def test_the_study_s_prompts_give_the_same_ids_as_before(tmp_path):
     """SmolLM2's byte-level BPE on the generated task's prompts: the continuation is the
     answer's own single token, as encode(answer) gave (the study's numbers are unchanged)."""
     from lalora.config import ModelCard
-    from lalora.data import winogrande_prompt
-    from lalora.zoo import load_tokenizer
+    from lalora.data.datasets import winogrande_prompt
+    from lalora.models.zoo import load_tokenizer
 
     tok = load_tokenizer(ModelCard(source="tiny", arch="llama"))
     train, _ = generate_task(40, 4, 0)

@@ -9,9 +9,9 @@ import torch
 from bench import errors, reference, run
 from bench.measure import measure
 from bench.workloads import TINY
-from lalora.adapters import attach_lora
-from lalora.classifier import answer_logits, answer_token_ids, encode
-from lalora.zoo import load_card_model
+from lalora.models.adapters import attach_lora
+from lalora.models.classifier import answer_logits, answer_token_ids, encode
+from lalora.models.zoo import load_card_model
 
 
 def test_block_error_is_scale_free_and_exact_on_a_copy():
@@ -91,3 +91,26 @@ def test_smoke_run_reports_exact_errors_at_full_rank(tmp_path):
     low = run.main([*common, "--rank", "2", "--sections", "accuracy"])
     row = re.search(r"\| ours, svd \| (\S+) \|", low)
     assert 1e-3 < float(row[1]) < 1
+
+
+def test_the_study_s_runs_compose_and_name_their_export_stages():
+    """bench.study's plan, from conf/ as ``dvc exp run -S`` composes it: every run's overrides
+    compose, each run trains the export stages of its own checkpoints, and the runs' names are
+    unique."""
+    from bench import study
+
+    names = [r.name for r in study.RUNS]
+    assert len(set(names)) == len(names)
+    for r in study.RUNS:
+        raw = study.composed(r)
+        targets = study.export_targets(r)
+        n = len(raw["models"]) * len(raw["datasets"]) * len(raw["checkpoints"])
+        assert len(targets) == len(set(targets)) == n, r.name
+        for override in r.overrides:
+            key, value = override.split("=", 1)
+            if (study.ROOT / "conf" / key).is_dir():
+                continue  # a config group's option (data=paper)
+            node = raw
+            for part in key.split(".")[:-1]:
+                node = node[part]
+            assert str(node[key.split(".")[-1]]).replace(" ", "") == value.strip("'"), override

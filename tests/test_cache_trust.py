@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lalora.finetune import CorruptCheckpointWarning, latest_checkpoint
+from lalora.training.finetune import CorruptCheckpointWarning, latest_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_reliability import ROOT, tiny_params, tiny_train, tree_bytes
@@ -114,7 +114,7 @@ def test_checkpoints_record_the_sha256_of_their_files(tmp_path):
 
 def test_a_member_run_of_other_code_is_moved_outside_the_tracked_folder(tmp_path):
     from lalora.config import load_params
-    from lalora.members import train_member
+    from lalora.training.members import train_member
 
     params_path = tiny_params(tmp_path)
     res = subprocess.run(
@@ -141,7 +141,7 @@ def test_a_member_run_of_other_code_is_moved_outside_the_tracked_folder(tmp_path
 
 def test_the_source_digest_changes_with_a_raw_file(tmp_path):
     from lalora.config import DataConfig
-    from lalora.data import source_digest
+    from lalora.data.datasets import source_digest
 
     folder = tmp_path / "wino"
     folder.mkdir()
@@ -161,7 +161,7 @@ def test_the_source_digest_changes_with_a_raw_file(tmp_path):
 
 
 def test_relative_folders_resolve_beside_the_project_from_an_experiment_workspace(tmp_path):
-    from lalora.paths import project_root, resolve_dir
+    from lalora.core.paths import project_root, resolve_dir
 
     project = tmp_path / "proj"
     workspace = project / ".dvc" / "tmp" / "exps" / "tmpab12"
@@ -194,7 +194,7 @@ def test_params_in_an_experiment_workspace_find_the_data_beside_the_project(tmp_
 
 def test_training_on_the_test_split_is_refused_and_split_from_is_disjoint(tmp_path):
     from lalora.config import ConfigError, DataConfig
-    from lalora.data import load_splits
+    from lalora.data.datasets import load_splits
 
     with pytest.raises(ConfigError, match=r"both 'dev': that trains on the test.*split_from"):
         DataConfig(name="boolq", source="local", local_dir="x", train_split="dev", test_split="dev")
@@ -219,7 +219,8 @@ def test_training_on_the_test_split_is_refused_and_split_from_is_disjoint(tmp_pa
 
 
 def test_repeated_arc_choice_labels_are_refused_with_file_and_line(tmp_path):
-    from lalora.data import DataError, load_local
+    from lalora.data.datasets import load_local
+    from lalora.data.files import DataError
 
     choices = [{"text": t, "label": lab} for t, lab in zip("wxyz", "ABBD", strict=True)]
     good = {
@@ -299,7 +300,8 @@ def test_nccl_without_cuda_is_one_message_from_launch(tmp_path):
 
 
 def test_a_hub_dataset_offline_is_one_message(monkeypatch):
-    from lalora.data import DataError, load_hub
+    from lalora.data.datasets import load_hub
+    from lalora.data.files import DataError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -310,7 +312,7 @@ def test_a_hub_dataset_offline_is_one_message(monkeypatch):
 def test_a_full_disk_is_one_paragraph_and_exit_status_2(capsys):
     import errno
 
-    from lalora.cli import run
+    from lalora.core.cli import run
 
     def full():
         raise OSError(errno.ENOSPC, "No space left on device", "models/x/adapter.safetensors")
@@ -323,8 +325,8 @@ def test_a_full_disk_is_one_paragraph_and_exit_status_2(capsys):
 
 
 def test_an_unwritable_model_cache_is_named(monkeypatch, tmp_path):
-    from lalora.errors import ModelError
-    from lalora.zoo import dequantised_gguf
+    from lalora.core.errors import ModelError
+    from lalora.models.zoo import dequantised_gguf
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -336,7 +338,7 @@ def test_an_unwritable_model_cache_is_named(monkeypatch, tmp_path):
 
 
 def test_a_truncated_model_cache_is_named_and_rebuilt(monkeypatch, tmp_path, capsys):
-    import lalora.zoo as models
+    import lalora.models.zoo as models
 
     calls = []
 
@@ -369,7 +371,7 @@ def test_a_truncated_model_cache_is_named_and_rebuilt(monkeypatch, tmp_path, cap
 
 
 def test_outputs_keep_the_users_umask(tmp_path):
-    from lalora.io import atomic_write_text, staging_dir
+    from lalora.core.io import atomic_write_text, staging_dir
 
     old = os.umask(0o002)
     try:
@@ -388,13 +390,13 @@ def test_outputs_keep_the_users_umask(tmp_path):
 @pytest.fixture(scope="module")
 def tok():
     from lalora.config import ModelCard
-    from lalora.zoo import load_tokenizer
+    from lalora.models.zoo import load_tokenizer
 
     return load_tokenizer(ModelCard(source="tiny", arch="llama"))
 
 
 def _decoded(tok, prompt, cut, max_length):
-    from lalora.classifier import encode
+    from lalora.models.classifier import encode
 
     batch = encode(tok, [prompt], [0], max_length, cuts=[cut])
     assert batch.input_ids.shape[1] <= max_length
@@ -402,7 +404,7 @@ def _decoded(tok, prompt, cut, max_length):
 
 
 def test_a_long_boolq_prompt_loses_the_end_of_its_passage_only(tok):
-    from lalora.qa import boolq_prompt
+    from lalora.data.qa import boolq_prompt
 
     passage = " ".join(f"word{i}" for i in range(200))
     record = {"question": "is the sky blue", "passage": passage, "answer": True}
@@ -414,7 +416,7 @@ def test_a_long_boolq_prompt_loses_the_end_of_its_passage_only(tok):
 
 
 def test_a_long_question_loses_its_start_and_keeps_the_choices(tok):
-    from lalora.qa import four_choice_prompt
+    from lalora.data.qa import four_choice_prompt
 
     stem = " ".join(f"clause{i}" for i in range(120)) + " which is it?"
     choices = [
@@ -429,8 +431,8 @@ def test_a_long_question_loses_its_start_and_keeps_the_choices(tok):
 
 
 def test_a_prompt_whose_fixed_parts_exceed_the_limit_is_refused(tok):
-    from lalora.classifier import PromptTooLongError, encode
-    from lalora.qa import four_choice_prompt
+    from lalora.data.qa import four_choice_prompt
+    from lalora.models.classifier import PromptTooLongError, encode
 
     choices = [{"text": "x " * 40, "label": lab} for lab in "ABCD"]
     record = {"id": "q", "question": {"stem": "Which?", "choices": choices}, "answerKey": "B"}
@@ -442,7 +444,7 @@ def test_a_prompt_whose_fixed_parts_exceed_the_limit_is_refused(tok):
 
 
 def test_short_prompts_encode_as_the_tokenizer_pads_them(tok):
-    from lalora.classifier import encode
+    from lalora.models.classifier import encode
 
     prompts = ["Question one? Answer:", "A longer question two, with more words? Answer:"]
     batch = encode(tok, prompts, [0, 1], 64, cuts=[(0, 8, "end"), None])
@@ -452,8 +454,8 @@ def test_short_prompts_encode_as_the_tokenizer_pads_them(tok):
 
 
 def test_the_shortened_prompts_are_counted(tok, capsys):
-    from lalora.data import Example
-    from lalora.pipeline import truncation
+    from lalora.data.files import Example
+    from lalora.models.pipeline import truncation
 
     long = "w " * 100 + "end. Answer:"
     examples = [
@@ -490,7 +492,7 @@ def _smollm2_like_modules() -> dict:
 )  # fmt: skip
 def test_an_impossible_factor_setting_is_refused_before_it_allocates(edit, needed):
     from lalora.config import KfacConfig
-    from lalora.memory import MemoryLimitError, check, factor_memory
+    from lalora.models.memory import MemoryLimitError, check, factor_memory
 
     mods = _smollm2_like_modules()
     default = factor_memory(mods, KfacConfig())
@@ -506,7 +508,7 @@ def test_an_impossible_factor_setting_is_refused_before_it_allocates(edit, neede
 
 
 def test_too_many_predictive_samples_are_refused():
-    from lalora.memory import MemoryLimitError, check, sampling_memory
+    from lalora.models.memory import MemoryLimitError, check, sampling_memory
 
     check(sampling_memory(4, 10000, "mc"), 0, "evaluate")  # the default: 330 MB
     assert sampling_memory(2, 10**9, "probit").total == 0
@@ -515,7 +517,7 @@ def test_too_many_predictive_samples_are_refused():
 
 
 def test_a_corrupt_artifact_names_the_command_that_reruns_only_its_stage(tmp_path):
-    from lalora.errors import ArtifactError
+    from lalora.core.errors import ArtifactError
 
     err = ArtifactError(tmp_path / "factors.safetensors", "truncated", "fit_kfac")
     assert "dvc repro -s -f fit_kfac@<its name>" in str(err)

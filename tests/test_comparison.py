@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lalora.adapters import attach_lora
-from lalora.baselines import checkpoint_ensemble, fit_temperature, mc_dropout_probs
-from lalora.classifier import answer_token_ids, encode
-from lalora.comparison import Predictions, compare, comparison_markdown
 from lalora.config import ModelCard
-from lalora.io import load_predictions, save_predictions
-from lalora.metrics import score
-from lalora.pipeline import logits_fn
-from lalora.zoo import load_card_model
+from lalora.core.io import load_predictions, save_predictions
+from lalora.core.metrics import score
+from lalora.models.adapters import attach_lora
+from lalora.models.baselines import checkpoint_ensemble, fit_temperature, mc_dropout_probs
+from lalora.models.classifier import answer_token_ids, encode
+from lalora.models.pipeline import logits_fn
+from lalora.models.zoo import load_card_model
+from lalora.study.comparison import Predictions, compare, comparison_markdown
 
 
 def test_temperature_recovers_the_generating_temperature():

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from lalora.config import ConfigError, DataConfig, SchemaConfig, compose, load_section
-from lalora.data import DataError, answers_of, load_splits, source_digest
+from lalora.config.data import answers_of
+from lalora.data.datasets import load_splits, source_digest
+from lalora.data.files import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [
@@ -165,3 +167,36 @@ def test_the_example_option_composes_and_its_files_are_digested():
              for r in map(json.loads, (folder / f"{split}.jsonl").read_text().splitlines())}
             for split in ("train", "test")]  # fmt: skip
     assert len(seen[0]) == 150 and len(seen[1]) == 90 and not seen[0] & seen[1]
+
+
+def test_a_prompt_or_id_in_two_splits_is_refused_naming_them_or_kept_with_a_warning(tmp_path):
+    """prepare counts identical prompts and ids across train, val and test: refused with the
+    first ids named, or, with ``leakage: warn``, written with one warning per overlap."""
+    from lalora.data.splits import LeakageWarning, prepare
+
+    more = [{"qid": f"t{i}", "q": f"Which one is number {i}?", "opts": ["a", "b", "c"],
+             "gold": 0} for i in range(4)]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", RECORDS + more)
+    # r2 again under another id (a copied prompt), and a new prompt that reuses the id t3
+    test = [{**RECORDS[1], "qid": "copy"}, {**RECORDS[0], "qid": "t3", "q": "Which is blue?"}]
+    write_jsonl(tmp_path / "test.jsonl", test)
+    data = cfg(tmp_path, n_train=7, n_test=2, val_size=2)
+    with pytest.raises(DataError) as err:
+        prepare(data, tmp_path / "out", "mine")
+    message = str(err.value)
+    assert message.startswith("data.mine: the splits overlap")
+    assert "test example(s) share an identical prompt with " in message and "(copy)" in message
+    assert "share an id with train (t3)" in message or "share an id with val (t3)" in message
+    assert "data.mine.leakage: warn" in message
+    assert not (tmp_path / "out" / "test.jsonl").exists()
+    with pytest.warns(LeakageWarning, match=r"data\.mine: 1 test example\(s\) share an id"):
+        sizes = prepare(cfg(tmp_path, n_train=7, n_test=2, val_size=2, leakage="warn"),
+                        tmp_path / "out", "mine")  # fmt: skip
+    assert sizes == {"train": 5, "val": 2, "test": 2}
+    # disjoint splits pass silently
+    write_jsonl(tmp_path / "test.jsonl", [{**r, "qid": f"x{i}", "q": f"New question {i}?"}
+                                          for i, r in enumerate(RECORDS)])  # fmt: skip
+    assert (
+        prepare(cfg(tmp_path, n_train=7, n_test=3, val_size=2), tmp_path / "o2", "mine")["test"]
+        == 3
+    )

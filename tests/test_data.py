@@ -8,17 +8,21 @@ from pathlib import Path
 import pytest
 
 from lalora.config import DataConfig
-from lalora.data import (
+from lalora.data.datasets import (
     WINOGRANDE_PROMPT,
-    DataError,
     load_local,
     load_splits,
-    read_split,
     split_validation,
     winogrande_prompt,
-    write_split,
 )
-from lalora.generated import _ATTRIBUTES, _ENTITIES, _PROPERTIES, COMPARISON_SHARE, generate_task
+from lalora.data.files import DataError, read_split, write_split
+from lalora.data.generated import (
+    _ATTRIBUTES,
+    _ENTITIES,
+    _PROPERTIES,
+    COMPARISON_SHARE,
+    generate_task,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "winogrande"
 

@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from lalora.adapters import attach_lora, lora_modules
-from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, ModelCard
-from lalora.data import DataError, answers_of, load_local, load_splits, read_split
+from lalora.config.data import answers_of
+from lalora.data.datasets import load_local, load_splits
+from lalora.data.files import DataError, read_split
+from lalora.data.qa import boolq_prompt, four_choice_prompt
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.marglik import tune_prior
 from lalora.laplace.predictive import predict
-from lalora.pipeline import batches, logits_fn
-from lalora.qa import boolq_prompt, four_choice_prompt
-from lalora.zoo import load_card_model
+from lalora.models.adapters import attach_lora, lora_modules
+from lalora.models.classifier import answer_token_ids
+from lalora.models.pipeline import batches, logits_fn
+from lalora.models.zoo import load_card_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -136,7 +138,7 @@ def test_n_train_and_n_test_take_seeded_subsets():
 def test_four_choices_run_the_laplace_path_on_a_tiny_model(tmp_path):
     """C = 4: prepare a local OpenBookQA-format folder, fit (C - 1 = 3 backward passes per
     batch), tune and predict; every probability row sums to one and varies with the input."""
-    from lalora.splits import prepare
+    from lalora.data.splits import prepare
 
     folder = tmp_path / "obqa"
     folder.mkdir()

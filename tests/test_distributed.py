@@ -15,10 +15,10 @@ import yaml
 from safetensors.torch import load_file
 
 from lalora.config import LaunchConfig
-from lalora.distributed import SINGLE, Dist, bounds, map_batches, shard
 from lalora.laplace.marglik import log_marginal_likelihood
 from lalora.laplace.posterior import Posterior
-from lalora.launch import command
+from lalora.runtime.distributed import SINGLE, Dist, bounds, map_batches, shard
+from lalora.scale.launch import command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(ROOT / "tests" / "dist_worker.py")

@@ -1,5 +1,5 @@
-"""lalora.experiments: the rows of ``dvc exp show --json``, the files each commit holds, and the
-two markdown tables, on a git repository written here (no DVC run)."""
+"""lalora.scale.experiments: the rows of ``dvc exp show --json``, the files each commit holds, and
+the two markdown tables, on a git repository written here (no DVC run)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lalora.experiments import Experiment, ExperimentsError, listed, markdown, read
-from lalora.paths import Layout
+from lalora.core.paths import Layout
+from lalora.scale.experiments import Experiment, ExperimentsError, listed, markdown, read
 
 
 def _row(rev: str, name: str | None, params: dict) -> dict:

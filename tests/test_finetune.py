@@ -11,12 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lalora.adapters import attach_lora, load_adapter
-from lalora.classifier import answer_token_ids
 from lalora.config import DataConfig, FinetuneConfig, ModelCard
-from lalora.data import load_splits
-from lalora.finetune import latest_checkpoint, parameter_groups, train
-from lalora.zoo import load_card_model
+from lalora.data.datasets import load_splits
+from lalora.models.adapters import attach_lora, load_adapter
+from lalora.models.classifier import answer_token_ids
+from lalora.models.zoo import load_card_model
+from lalora.training.finetune import (
+    RunContext,
+    Task,
+    latest_checkpoint,
+    parameter_groups,
+    train,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 
@@ -41,17 +47,8 @@ def run(out: Path, stop_at: int | None = None, cfg: FinetuneConfig = CFG):
         if step == stop_at:
             raise Interrupt
 
-    return model, train(
-        model,
-        tok,
-        train_ex,
-        answer_token_ids(tok, (" A", " B")),
-        cfg,
-        out,
-        "run-1",
-        on_step=on_step,
-        progress=False,
-    )
+    task = Task(model, tok, train_ex, answer_token_ids(tok, (" A", " B")))
+    return model, train(task, cfg, RunContext(out, "run-1", progress=False, on_step=on_step))
 
 
 def adapter(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -84,7 +81,7 @@ def test_usage_reports_the_steps_run_their_time_and_the_peak_memory(tmp_path):
     its peak resident memory, at least what it holds now."""
     import psutil
 
-    from lalora.recipe import Finetuned, usage
+    from lalora.training.recipe import Finetuned, usage
 
     model, result = run(tmp_path / "run")
     got = usage(Finetuned(None, model, None, result))
@@ -147,7 +144,7 @@ def test_ratio_one_is_plain_lora_byte_for_byte(tmp_path, monkeypatch):
     weights (the optimizer before LoRA+ existed), to the byte."""
     run(tmp_path / "ratio1")
     monkeypatch.setattr(
-        "lalora.finetune.parameter_groups",
+        "lalora.training.finetune.parameter_groups",
         lambda model, lr, ratio: [p for p in model.parameters() if p.requires_grad],
     )
     run(tmp_path / "flat")
@@ -166,7 +163,7 @@ def test_foreign_checkpoints_are_moved_aside_not_deleted(tmp_path):
 
 
 def test_export_gives_a_peft_folder_that_loads(tmp_path):
-    from lalora.export import export_adapter
+    from lalora.training.export import export_adapter
 
     model, _ = run(tmp_path / "c")
     export_adapter(tmp_path / "c", 6, tmp_path / "adapter")

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lalora.io import load_predictions
-from lalora.metrics import score
-from lalora.tables import METHOD_NAMES
+from lalora.core.io import load_predictions
+from lalora.core.metrics import score
+from lalora.core.tables import METHOD_NAMES
 from tests.studies import TINY, experiments, make_repo, repro, sh
 
 pytestmark = pytest.mark.slow
@@ -205,7 +205,8 @@ def test_queued_experiments_run_two_at_once_and_both_land(shifted):
     pruned_metrics = json.loads(sh(show, repo, env))
     unpruned = json.loads((repo / "metrics/checkpoints/tiny-a/obqa/step-2.json").read_text())
     assert pruned_metrics["map"]["nll"] != unpruned["map"]["nll"]
-    # lalora.experiments: every run of the commit checkpoint by checkpoint, as each committed it
+    # lalora.scale.experiments: every run of the commit checkpoint by checkpoint, as each committed
+    # it
     sh([sys.executable, "-m", "lalora.experiments", "--model", "tiny-a", "--dataset", "obqa",
         "--params", "prune.layers", "--methods", "map", "la_val", "--out", "cmp.md"], repo,
        env)  # fmt: skip

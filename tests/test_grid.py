@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lalora.collect import markdown, summarise, summary_rows
-from lalora.grid import GridError, load_grid, plan
-from lalora.remote import Mirror, RemoteError, check_plugin
+from lalora.scale.collect import markdown, summarise, summary_rows
+from lalora.scale.grid import GridError, load_grid, plan
+from lalora.scale.remote import Mirror, RemoteError, check_plugin
 from tests.studies import copy_study, edit_params, experiments
 
 ROOT = Path(__file__).resolve().parents[1]

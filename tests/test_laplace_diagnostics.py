@@ -6,7 +6,6 @@ import pytest
 import torch
 from cases import dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
 
-from lalora.adapters import lora_modules
 from lalora.laplace import fit_kfac
 from lalora.laplace.diagnostics import (
     lora_symmetry,
@@ -14,6 +13,7 @@ from lalora.laplace.diagnostics import (
     remove_symmetry,
     symmetry_projection,
 )
+from lalora.models.adapters import lora_modules
 
 
 def trained_case():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from cases import dense_ggn, dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
 
-from lalora.adapters import lora_modules
 from lalora.laplace import exact
 from lalora.laplace.predictive import contrast_matrix
+from lalora.models.adapters import lora_modules
 
 
 def setup(C: int):

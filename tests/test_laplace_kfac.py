@@ -16,9 +16,9 @@ from cases import (
     report_close,
 )
 
-from lalora.adapters import lora_modules
 from lalora.laplace import fit_kfac
 from lalora.laplace.kfac import exact_fisher_root, fisher_root
+from lalora.models.adapters import lora_modules
 
 
 def mlp_data(n: int, C: int, seed: int = 1) -> XBatch:
@@ -89,7 +89,7 @@ def test_factors_equal_curvlinops_type2_expand(C):
             self.net = model
 
         def forward(self, ids):
-            from lalora.classifier import Batch
+            from lalora.models.classifier import Batch
 
             return logits_fn(self.net, Batch(ids, torch.ones_like(ids), torch.zeros(len(ids))))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cases import dense_jacobian, llama_batch, llama_case, llama_logits_fn, report_close
 
-from lalora.adapters import lora_modules
+from lalora.core.search import SearchError, maximise_log10
 from lalora.laplace import (
     JacobianFeatures,
     fit_kfac,
@@ -23,7 +23,7 @@ from lalora.laplace import (
 from lalora.laplace.posterior import Posterior, dense_precision
 from lalora.laplace.predictive import contrast_matrix, predict_covariance
 from lalora.laplace.tuning import tune_prior_nll
-from lalora.search import SearchError, maximise_log10
+from lalora.models.adapters import lora_modules
 
 
 def setup(C: int, max_dense: int = 10**6, rank: int = 10, update: str = "svd"):
@@ -204,7 +204,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
 
 
 def test_validation_nll_tuning_finds_the_grid_minimum():
-    from lalora.metrics import nll
+    from lalora.core.metrics import nll
 
     model, mods, fn, post = setup(2)
     val = llama_batch([5, 6, 7, 4, 6, 5, 3, 7], seed=9)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lalora.metrics import score
+from lalora.core.metrics import score
 
 
 def test_metrics_by_hand():
@@ -33,7 +33,7 @@ def test_perfectly_calibrated_and_bins_param():
 
 
 def test_brier_and_weighted_metrics_equal_explicit_resamples():
-    from lalora.metrics import bootstrap_intervals, weighted_metrics
+    from lalora.core.metrics import bootstrap_intervals, weighted_metrics
 
     gen = torch.Generator().manual_seed(3)
     probs = torch.softmax(2 * torch.randn(40, 4, generator=gen, dtype=torch.float64), 1)

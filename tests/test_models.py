@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lalora.adapters import attach_lora, lora_modules
-from lalora.classifier import answer_logits, answer_token_ids, encode
 from lalora.config import ConfigError, ModelCard, Params, compose, load_section
-from lalora.errors import ModelError
-from lalora.zoo import load_base_model, load_card_model
+from lalora.core.errors import ModelError
+from lalora.models.adapters import attach_lora, lora_modules
+from lalora.models.classifier import answer_logits, answer_token_ids, encode
+from lalora.models.zoo import load_base_model, load_card_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_section(Params, compose(ROOT / "conf"), "")
@@ -71,7 +71,7 @@ def test_real_smollm2_loads_offline_with_single_answer_tokens(monkeypatch):
 
 
 def test_nf4_cards_build_their_quantisation_config(monkeypatch):
-    from lalora.zoo import quantization_kwargs
+    from lalora.models.zoo import quantization_kwargs
 
     monkeypatch.setenv("LOCAL_RANK", "3")
     for name in ("llama2-7b", "llama3-8b", "phi2", "phi3-mini"):
@@ -92,7 +92,7 @@ def test_concurrent_first_use_of_the_gguf_cache_writes_it_once(tmp_path):
 
     card = PARAMS.zoo["smollm2-135m"]
     code = (
-        "from lalora.zoo import dequantised_gguf; "
+        "from lalora.models.zoo import dequantised_gguf; "
         f"print(dequantised_gguf({card.package!r}, {card.gguf_file!r}))"
     )
     env = {**os.environ, "LALORA_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}

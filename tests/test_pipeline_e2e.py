@@ -235,3 +235,11 @@ def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
 
     text = write_table(repo / "study", repo / "study.md")
     assert "| sequences_padded | standard | zero |" in text and "## tiny (seeds 0)" in text
+    # bench.processes on the same artifacts: the stages as dvc repro starts them, one setting
+    sh([sys.executable, "-m", "bench.processes", "--model", "tiny-a", "--step", "2",
+        "--settings", "1 process, 1 thread", "--out", "processes.md"], repo, env)  # fmt: skip
+    table = (repo / "processes.md").read_text()
+    for stage in ("fit_kfac", "evaluate"):
+        assert re.search(rf"\| {stage} \| 1 process, 1 thread \| [\d.]+ \| 1\.00x \| reference \|",
+                         table), table  # fmt: skip
+    assert "- fit_kfac: the statistics once" in table

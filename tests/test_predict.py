@@ -1,4 +1,4 @@
-"""Predictions for new inputs from a study's artifacts (``lalora.predict``), and the README's
+"""Predictions for new inputs from a study's artifacts (``lalora.study.predict``), and the README's
 Laplace-LoRA snippet on a plain PEFT model, both against what the pipeline's evaluate wrote."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_study import AT, ROOT, evaluate, fit_kfac, train_and_export, tune_prior, write_params
 
-from lalora.errors import ArtifactError
-from lalora.io import load_predictions
-from lalora.paths import Layout
+from lalora.core.errors import ArtifactError
+from lalora.core.io import load_predictions
+from lalora.core.paths import Layout
 
 
 def _edit(params: dict) -> None:
@@ -38,7 +38,7 @@ def study(tmp_path_factory):
 
 
 def test_predict_on_the_test_split_reproduces_evaluate(study):
-    from lalora.predict import load
+    from lalora.study.predict import load
 
     predictor = load("tiny-a", "generated", root=study)
     examples = predictor.read(study / "data" / "generated" / "test.jsonl")
@@ -53,7 +53,7 @@ def test_predict_on_the_test_split_reproduces_evaluate(study):
 
 
 def test_the_command_renders_a_question_and_reads_records(study, monkeypatch, capsys):
-    from lalora.predict import main
+    from lalora.study.predict import main
 
     monkeypatch.chdir(study)
     out = study / "one.jsonl"
@@ -78,7 +78,7 @@ def test_the_command_renders_a_question_and_reads_records(study, monkeypatch, ca
 
 
 def test_a_missing_artifact_names_the_stage_that_makes_it(study):
-    from lalora.predict import PredictError, load
+    from lalora.study.predict import PredictError, load
 
     with pytest.raises(ArtifactError, match=r"fit_kfac@tiny-a-generated-0"):
         load("tiny-a", "generated", step=0, root=study)
@@ -158,8 +158,8 @@ def test_the_readme_snippet_runs_as_written_and_gives_the_pipeline_s_probabiliti
     """Only the lines marked ``# yours`` get this test's model and data (the tiny base model
     saved as a folder, the study's step-2 adapter, its prepared splits)."""
     from lalora.config import ModelCard
-    from lalora.data import read_split
-    from lalora.zoo import load_card_model
+    from lalora.data.files import read_split
+    from lalora.models.zoo import load_card_model
 
     card = ModelCard(source="tiny", arch="llama")
     tok, base = load_card_model(card, seed=0)

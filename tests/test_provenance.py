@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lalora.provenance import code_fingerprint, library_versions, module_closure
+from lalora.core.provenance import code_fingerprint, library_versions, module_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "lalora"
@@ -86,7 +86,7 @@ def test_the_fingerprint_changes_with_any_imported_module_and_nothing_else(tmp_p
 
 
 def test_the_fingerprint_covers_the_library_versions(monkeypatch, tmp_path):
-    import lalora.provenance as prov
+    import lalora.core.provenance as prov
 
     script = tmp_path / "stage.py"
     script.write_text("")

@@ -13,22 +13,22 @@ import torch
 from tiny_study import write_params
 from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
-from lalora.adapters import attach_lora, lora_modules
-from lalora.classifier import Batch
 from lalora.config import ConfigError, ModelCard, load_params
-from lalora.errors import ArtifactError
-from lalora.prune import (
+from lalora.core.errors import ArtifactError
+from lalora.models.adapters import attach_lora, lora_modules
+from lalora.models.classifier import Batch
+from lalora.models.layers import drop_layers
+from lalora.models.prune import (
     NOTHING,
     angular_distances,
     choose,
-    drop_layers,
     last_token_states,
     measure,
     pruned,
     read,
     write,
 )
-from lalora.zoo import load_card_model, model_config
+from lalora.models.zoo import load_card_model, model_config
 
 COMMON = dict(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
               num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
@@ -144,8 +144,8 @@ def test_zero_layers_loads_nothing_and_changes_no_card(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("prune.layers 0 loads no model")
 
-    monkeypatch.setattr("lalora.zoo.load_base_model", fail)
-    monkeypatch.setattr("lalora.zoo.load_tokenizer", fail)
+    monkeypatch.setattr("lalora.models.zoo.load_base_model", fail)
+    monkeypatch.setattr("lalora.models.zoo.load_tokenizer", fail)
     choice = measure(params, "tiny-a", tmp_path / "absent.jsonl")
     assert choice == NOTHING
     write(choice, tmp_path / "prune.json")
@@ -158,7 +158,9 @@ def test_the_stage_s_choice_reaches_the_card_and_a_stale_one_is_refused(tmp_path
     write_params(tmp_path, lambda p: p["prune"].update(layers=1, calibration=4))
     params = load_params(tmp_path / "params.yaml")
     (tmp_path / "data").mkdir()
-    from lalora.data import answers_of, load_splits, write_split
+    from lalora.config.data import answers_of
+    from lalora.data.datasets import load_splits
+    from lalora.data.files import write_split
 
     train, _ = load_splits(params.dataset("generated"))
     write_split(tmp_path / "data" / "train.jsonl", train[:6], answers_of(params.data["generated"]))

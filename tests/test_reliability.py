@@ -20,8 +20,6 @@ import pytest
 import torch
 import yaml
 
-from lalora.adapters import attach_lora, load_adapter
-from lalora.classifier import answer_token_ids
 from lalora.config import (
     ConfigError,
     DataConfig,
@@ -39,14 +37,23 @@ from lalora.config import (
     load_section,
     read_conf,
 )
-from lalora.data import DataError, load_local, load_splits, read_jsonl
-from lalora.errors import ArtifactError, ModelError, NonFiniteError
-from lalora.finetune import CorruptCheckpointWarning, latest_checkpoint, train
-from lalora.io import STAGING
+from lalora.core.errors import ArtifactError, ModelError, NonFiniteError
+from lalora.core.io import STAGING
+from lalora.core.metrics import check_finite, score
+from lalora.data.datasets import load_local, load_splits
+from lalora.data.files import DataError, read_jsonl
 from lalora.laplace.kron import Factor
 from lalora.laplace.posterior import ModuleFactors, Posterior
-from lalora.metrics import check_finite, score
-from lalora.zoo import load_base_model, load_card_model
+from lalora.models.adapters import attach_lora, load_adapter
+from lalora.models.classifier import answer_token_ids
+from lalora.models.zoo import load_base_model, load_card_model
+from lalora.training.finetune import (
+    CorruptCheckpointWarning,
+    RunContext,
+    Task,
+    latest_checkpoint,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ROOT / "stages"
@@ -97,7 +104,7 @@ def tiny_train(out: Path, cfg: FinetuneConfig = CFG, fingerprint: str = "run-1")
     model = attach_lora(base, CARD, seed=0)
     examples, _ = load_splits(DataConfig(n_train=20, n_test=5, val_size=0))
     ids = answer_token_ids(tok, (" A", " B"))
-    return train(model, tok, examples, ids, cfg, out, fingerprint, progress=False)
+    return train(Task(model, tok, examples, ids), cfg, RunContext(out, fingerprint, progress=False))
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -154,7 +161,7 @@ def test_a_posterior_with_a_bad_eigenvalue_is_refused_naming_the_file(tmp_path, 
 def test_export_refuses_an_adapter_with_non_finite_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lalora.export import export_adapter
+    from lalora.training.export import export_adapter
 
     out = tmp_path / "c"
     tiny_train(out)
@@ -283,7 +290,7 @@ def test_dataclass_defaults_are_the_composed_conf_defaults():
 
 
 def test_a_default_written_in_code_and_in_conf_is_refused():
-    from lalora.config import _conf_defaults
+    from lalora.config.base import _conf_defaults
 
     with pytest.raises(TypeError, match=r"Twice\.lr: a default in code and in conf/"):
 
@@ -382,7 +389,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_last_intact_one(tmp_path, 
 
 
 def test_truncated_factors_and_adapters_name_the_file_and_the_stage(tmp_path):
-    from lalora.export import export_adapter
+    from lalora.training.export import export_adapter
 
     small_posterior().save(tmp_path / "post")
     truncate(tmp_path / "post" / "factors.safetensors")
@@ -498,7 +505,7 @@ def test_sigkill_during_a_checkpoint_save_and_fit_kfac_then_rerun(tmp_path):
     assert res.returncode == 0, res.stderr
     # the 2nd save_file call is step 2's trainer.safetensors: killed inside that save
     args = (*ft, "--out", "killed", "--loss-csv", "killed.csv")
-    res = killed_stage("finetune", "lalora.finetune", 2, *args, cwd=tmp_path)
+    res = killed_stage("finetune", "lalora.training.finetune", 2, *args, cwd=tmp_path)
     assert res.returncode == -9, res.stderr
     assert staging_left(tmp_path / "killed"), "the kill did not hit a save"
     res = stage("finetune", *args, cwd=tmp_path)
@@ -507,7 +514,7 @@ def test_sigkill_during_a_checkpoint_save_and_fit_kfac_then_rerun(tmp_path):
     assert (tmp_path / "killed.csv").read_text() == (tmp_path / "full.csv").read_text()
     assert not staging_left(tmp_path / "killed")
 
-    from lalora.export import export_adapter
+    from lalora.training.export import export_adapter
 
     export_adapter(tmp_path / "full", 4, tmp_path / "adapter")
     fk = ["--params", str(params), "--model", "tiny", "--adapter", "adapter"]

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from lalora.comparison import Predictions, compare, finals
-from lalora.metrics import score
-from lalora.report import reliability_table, write_all
+from lalora.core.metrics import score
+from lalora.study.comparison import Predictions, compare, finals
+from lalora.study.report import reliability_table, write_all
 
 METHODS = ("map", "la_val", "temperature")
 
@@ -99,7 +99,7 @@ def test_tables_summary_and_plots_hold_every_method(tmp_path):
 
 def test_dataset_labels_are_the_papers():
     from lalora.config import DataConfig
-    from lalora.report import dataset_label
+    from lalora.study.report import dataset_label
 
     wg = DataConfig(name="winogrande", source="local", local_dir=".", train_split="train_m")
     assert dataset_label("winogrande_m", wg) == "WG-M"

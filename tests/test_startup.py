@@ -1,5 +1,5 @@
 """A stage's start-up: what it imports before it has work to do. Every heavy stage starts
-through ``lalora.launch``, and each branch runs prune, members and shift even when they have
+through ``lalora.scale.launch``, and each branch runs prune, members and shift even when they have
 nothing to do (``prune.layers`` 0, ``ensemble.members`` 1, no shift target); none of these
 imports torch then, which takes seconds of every stage's start on a small machine."""
 
@@ -38,8 +38,9 @@ def _run(folder: Path, *commands: list[str]) -> bool:
 
 
 def test_the_launcher_and_the_stage_helpers_import_no_torch():
-    code = ("import sys, lalora.launch, lalora.distributed, lalora.prune, lalora.members, "
-            "lalora.shift; print(sorted(m for m in ('torch', 'transformers', 'peft') "
+    code = ("import sys, lalora.launch, lalora.scale.launch, lalora.runtime.distributed, "
+            "lalora.models.prune, lalora.training.members, "
+            "lalora.study.shift; print(sorted(m for m in ('torch', 'transformers', 'peft') "
             "if m in sys.modules))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -1,6 +1,6 @@
-"""The warm start (:mod:`lalora.warm`): a stage run by ``lalora.launch`` in a fork of the server
-behaves as ``python stages/<script> ...`` would (output, exit status, signals, working directory,
-environment, code read fresh), and the server is keyed by what decides it."""
+"""The warm start (:mod:`lalora.scale.warm`): a stage run by ``lalora.scale.launch`` in a fork of
+the server behaves as ``python stages/<script> ...`` would (output, exit status, signals, working
+directory, environment, code read fresh), and the server is keyed by what decides it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A tiny study's artifacts made by the stage scripts themselves, in-process (no DVC): for
 tests that count what a stage does or compare against what it wrote. Paths are the study's
-(:class:`lalora.paths.Layout`), relative to the working directory."""
+(:class:`lalora.core.paths.Layout`), relative to the working directory."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lalora.paths import Layout
+from lalora.core.paths import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CARD = {

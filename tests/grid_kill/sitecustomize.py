@@ -14,7 +14,7 @@ CELL = os.environ.get("LALORA_TEST_KILL_CELL", "")
 
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "lalora.finetune":
+        if name != "lalora.training.finetune":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

@@ -13,7 +13,7 @@ The API the pipeline's stages use, in the spirit of laplace-torch::
 pairs (README, "Laplace-LoRA on your own PEFT model").
 
 Names are imported lazily, so importing one of them imports only its submodule: a pipeline
-stage depends only on the modules it really uses (:func:`lalora.provenance.lazy_exports` reads
+stage depends only on the modules it really uses (:func:`lalora.core.provenance.lazy_exports` reads
 ``_EXPORTS`` to follow them).
 """
 

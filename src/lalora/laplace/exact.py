@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lalora.core.search import maximise_log10
 from lalora.laplace.kfac import LogitsFn
 from lalora.laplace.predictive import contrast_jacobians
-from lalora.search import maximise_log10
 
 
 class Structure(StrEnum):

@@ -38,12 +38,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lalora.devices import statistics_device
-from lalora.distributed import SINGLE, Dist, all_reduce_, all_reduce_sum, bounds, shard
-from lalora.errors import NonFiniteError
+from lalora.core.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kron import Factor, make_accumulator
 from lalora.laplace.posterior import ModuleFactors, Posterior
+from lalora.runtime.devices import statistics_device
+from lalora.runtime.distributed import SINGLE, Dist, all_reduce_, all_reduce_sum, bounds, shard
 
 LogitsFn = Callable[[nn.Module, Any], Tensor]
 
@@ -105,8 +105,8 @@ class Statistics:
     accumulator per distinct input (a module reading another's input shares its factor,
     ``shared``), an output-gradient accumulator per module, the rows per input and, per datum,
     the log-likelihood, the top-class confidence and tr(diag p - p p^T). Accumulators live on
-    ``device`` in float64 (:func:`lalora.devices.statistics_device`); side ``i`` of module ``m``
-    (0 input, 1 output gradient) draws its sketch from ``seed + 2 m + i``."""
+    ``device`` in float64 (:func:`lalora.runtime.devices.statistics_device`); side ``i`` of module
+    ``m`` (0 input, 1 output gradient) draws its sketch from ``seed + 2 m + i``."""
 
     modules: dict[str, nn.Linear]
     rank: int
@@ -253,7 +253,7 @@ def fit_kfac(
 ) -> Posterior:
     """Fit the Kronecker factors of ``modules`` (LoRA ``nn.Linear`` maps) over ``batches``.
 
-    With ``dist`` (several processes, :mod:`lalora.distributed`) each rank takes its
+    With ``dist`` (several processes, :mod:`lalora.runtime.distributed`) each rank takes its
     contiguous share of ``batches`` and the statistics (factor accumulators, row and data
     counts, log-likelihood) are summed over the ranks before the eigendecompositions; the MC
     Fisher's labels are drawn per batch (seeded by ``seed`` and the batch's index), so they do

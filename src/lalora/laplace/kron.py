@@ -23,7 +23,7 @@ float64 round-off; incremental-SVD roots are gathered and merged (the top k of [
 exact while the rank of F is at most k, like the streaming update itself).
 
 Each accumulator keeps its float64 buffers on ``device`` (the compute device where it has
-float64, :func:`lalora.devices.statistics_device`; otherwise the host, each batch's product
+float64, :func:`lalora.runtime.devices.statistics_device`; otherwise the host, each batch's product
 being formed on the compute device and added there). The Nystrom test matrix is drawn on the
 CPU, so it is the same whatever the device.
 
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lalora.distributed import Dist, all_gather_objects, all_reduce_
+from lalora.runtime.distributed import Dist, all_gather_objects, all_reduce_
 
 DTYPE = torch.float64
 

@@ -48,17 +48,17 @@ class LaplaceLoRA:
     def predict(self, prompts: list[str], method: str | None = None) -> Prediction:
         """The prediction for ``prompts`` (each ending where the answer token follows, e.g.
         "... Answer:") under the posterior ``method`` (default: the configured one)."""
-        from lalora.data import Example
+        from lalora.data.files import Example
 
         return self.predict_examples([Example(str(i), p, 0) for i, p in enumerate(prompts)],
                                      method)  # fmt: skip
 
     def predict_examples(self, examples: list, method: str | None = None) -> Prediction:
-        """As :meth:`predict` for prepared :class:`lalora.data.Example` s (whose ``cut`` says
+        """As :meth:`predict` for prepared :class:`lalora.data.files.Example` s (whose ``cut`` says
         which part of a prompt over ``max_length`` tokens may be shortened)."""
-        from lalora.adapters import lora_modules
         from lalora.laplace.predictive import predict_covariances, predictive_probs
-        from lalora.pipeline import batches
+        from lalora.models.adapters import lora_modules
+        from lalora.models.pipeline import batches
 
         method = method or self.tuned.configured
         if method not in self.tuned.posteriors:
@@ -79,8 +79,8 @@ class LaplaceLoRA:
 
 
 def _batches(tokenizer, pairs, batch_size: int, max_length: int, model: nn.Module) -> list:
-    from lalora.data import Example
-    from lalora.pipeline import batches
+    from lalora.data.files import Example
+    from lalora.models.pipeline import batches
 
     examples = [Example(str(i), prompt, int(label)) for i, (prompt, label) in enumerate(pairs)]
     device = next(model.parameters()).device
@@ -88,7 +88,7 @@ def _batches(tokenizer, pairs, batch_size: int, max_length: int, model: nn.Modul
 
 
 def _logits_fn(answer_ids: list[int]):
-    from lalora.pipeline import logits_fn
+    from lalora.models.pipeline import logits_fn
 
     return logits_fn(answer_ids)
 
@@ -112,7 +112,7 @@ def laplace_lora(
 
     Args:
         val: validation pairs; the prior minimises their NLL (else the marginal likelihood).
-        init: the LoRA weights at initialisation by module (``lalora.adapters.lora_modules``
+        init: the LoRA weights at initialisation by module (``lalora.models.adapters.lora_modules``
             names), for a prior centred there; None: centred at zero.
         kfac, prior, predictive: the pipeline's sections (defaults: its defaults, the prior's
             ``method`` following ``val`` and its ``mean`` following ``init``).
@@ -122,11 +122,11 @@ def laplace_lora(
     Returns:
         A :class:`LaplaceLoRA` (call ``.predict(prompts)`` or ``.probs(prompts)``).
     """
-    from lalora.adapters import lora_modules
-    from lalora.classifier import answer_token_ids
     from lalora.laplace.kfac import fit_kfac
     from lalora.laplace.predictive import jacobian_features
     from lalora.laplace.tuning import Validation, centre, tune_priors
+    from lalora.models.adapters import lora_modules
+    from lalora.models.classifier import answer_token_ids
 
     kfac = kfac or KfacConfig(batch_size=batch_size)
     prior = prior or replace(PriorConfig(), method="val_nll" if val else "marglik",

@@ -31,8 +31,8 @@ from enum import StrEnum
 import torch
 from torch import Tensor
 
+from lalora.core.search import maximise_log10
 from lalora.laplace.posterior import ModuleFactors, Posterior
-from lalora.search import maximise_log10
 
 
 class PriorStructure(StrEnum):
@@ -119,7 +119,7 @@ def tune_prior(
     """Maximise log Z over log lambda (scalar, or per module for ``layerwise``), by the
     ``standard`` evidence or the ``linear`` one (which needs :meth:`Posterior.with_delta`).
 
-    An optimum at an edge of the range raises :class:`lalora.search.SearchError`, or with
+    An optimum at an edge of the range raises :class:`lalora.core.search.SearchError`, or with
     ``accept_edge`` is kept with a :class:`PriorAtEdgeWarning` (e.g. the step-0 adapter under a
     prior centred at the LoRA initialisation: theta* = mu, so log Z grows without bound in
     lambda, and the posterior is the MAP).

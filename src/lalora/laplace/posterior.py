@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lalora.errors import ArtifactError
-from lalora.io import atomic_write_json
+from lalora.core.errors import ArtifactError
+from lalora.core.io import atomic_write_json
 from lalora.laplace.kron import Factor
 
 FORMAT_VERSION = 2  # 2: a factor shared by several modules is stored once ("same_as")

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lalora.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
-from lalora.errors import NonFiniteError
+from lalora.core.errors import NonFiniteError
 from lalora.laplace.hooks import Tap, lora_grad_enabled, output_gradients
 from lalora.laplace.kfac import LogitsFn
 from lalora.laplace.posterior import ModuleFactors, Posterior
+from lalora.runtime.distributed import SINGLE, Dist, cat_or_none, gather_cat, shard
 
 
 class Link(StrEnum):

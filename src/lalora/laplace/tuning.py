@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from lalora.config import PredictiveConfig, PriorConfig
+from lalora.core.metrics import nll
+from lalora.core.search import maximise_log10
 from lalora.laplace.marglik import warn_edge
 from lalora.laplace.posterior import Posterior, last_layer_modules
 from lalora.laplace.predictive import JacobianFeatures, Link, logit_covariance, predictive_probs
-from lalora.metrics import nll
-from lalora.search import maximise_log10
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ def tune_priors(
 ) -> TunedPriors:  # fmt: skip
     """Every prior of the comparison for the centred posterior ``post`` (see the module
     docstring); ``val`` None: no validation split (``prior.method val_nll`` then refused)."""
-    from lalora.baselines import fit_temperature
     from lalora.config import ConfigError
+    from lalora.models.baselines import fit_temperature
 
     if prior.method == "val_nll" and val is None:
         raise ConfigError(

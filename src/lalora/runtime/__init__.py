@@ -1,0 +1,1 @@
+"""Where a stage computes: its device and its data-parallel process group."""

@@ -1,0 +1,218 @@
+"""Calibrated predictions for new inputs from a study's artifacts.
+
+``python -m lalora.predict --model M --dataset D [--step N] (--input FILE | --question Q
+--choices C1 C2 ...) [--method la|la_val|llla] [--out FILE]`` loads the adapter of step N (the
+final checkpoint by default), its Kronecker factors and tuned priors, and prints, per prompt and
+choice, the MAP probability, the Laplace probability and the standard deviation of each logit
+contrast f_c - f_C. Nothing is trained or fitted: a missing artifact is refused, naming the
+stage that makes it. ``--input`` reads a prepared split (``data/D/test.jsonl``, whose first
+line lists the answers) or records in the dataset's own format (the benchmark's, or the custom
+schema's); ``--question`` with ``--choices`` renders one prompt with the dataset's template.
+
+:func:`load` returns the :class:`Predictor` the command wraps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lalora.config import DataConfig, Params, load_params
+from lalora.core.errors import ArtifactError, UserError
+from lalora.core.paths import Layout
+from lalora.data.files import Example
+from lalora.laplace.lora import LaplaceLoRA, Prediction
+
+
+class PredictError(UserError, ValueError):
+    """The input cannot be turned into prompts of this dataset."""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A study's checkpoint (``step``) of ``model`` fine-tuned on ``dataset``, with its tuned
+    posteriors (``laplace``), and the dataset's config and answers for rendering prompts."""
+
+    laplace: LaplaceLoRA
+    data: DataConfig
+    answers: tuple[str, ...]
+    step: int
+
+    def predict(self, prompts: list[str] | list[Example], method: str | None = None) -> Prediction:
+        """MAP and Laplace probabilities (N, C) and contrast standard deviations (N, C - 1)
+        of ``prompts`` (strings, or prepared examples) under ``method`` (the configured
+        posterior by default)."""
+        if prompts and isinstance(prompts[0], Example):
+            return self.laplace.predict_examples(list(prompts), method)
+        return self.laplace.predict(list(prompts), method)
+
+    def render(self, question: str, choices: list[str]) -> Example:
+        """One prompt of this dataset's format from a question and its choices."""
+        if len(choices) != len(self.answers):
+            raise PredictError(
+                f"{len(choices)} choices given; dataset {self.data.name!r} has "
+                f"{len(self.answers)} ({', '.join(a.strip() for a in self.answers)})"
+            )
+        return _example(self.data, _question_record(self.data, question, choices), "--question")
+
+    def read(self, path: Path) -> list[Example]:
+        """The prompts of a prepared split, or of records in the dataset's own format."""
+        from lalora.data.files import read_jsonl, read_split
+
+        rows = list(read_jsonl(path))
+        if rows and "answers" in rows[0][1]:
+            split = read_split(path)
+            if split.answers != self.answers:
+                raise PredictError(
+                    f"{path}: answers {list(split.answers)}, and the model answers "
+                    f"{list(self.answers)}"
+                )
+            return list(split.examples)
+        return [_example(self.data, record, f"{path}:{i}") for i, record in rows]
+
+
+def _question_record(cfg: DataConfig, question: str, choices: list[str]) -> dict:
+    if cfg.name == "custom":
+        s = cfg.schema
+        fields = dict(zip(s.choices, choices, strict=True)) if len(s.choices) > 1 else {
+            s.choices[0]: choices
+        }  # fmt: skip
+        return {s.question: question, **fields, s.answer: 0}
+    if cfg.name in ("generated", "winogrande"):
+        return {"sentence": question, "option1": choices[0], "option2": choices[1], "answer": "1"}
+    if cfg.name == "boolq":
+        raise PredictError("a BoolQ prompt needs its passage: give records with --input")
+    labels = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]
+    return {"question": {"stem": question, "choices": [
+        {"text": t, "label": lab} for t, lab in zip(choices, labels, strict=True)
+    ]}, "answerKey": "A"}  # fmt: skip
+
+
+def _example(cfg: DataConfig, record: dict, where: str) -> Example:
+    """A record of the dataset's own format as an example (its label is not used)."""
+    from lalora.data.datasets import DATASETS, winogrande_prompt
+    from lalora.data.files import DataError
+    from lalora.data.qa import QAFormatError
+
+    try:
+        if cfg.name == "custom":
+            from lalora.data import custom
+
+            return Example(*custom.parse(record, cfg.schema, where))
+        if DATASETS.get(cfg.name) is None:  # generated: WinoGrande's format
+            return winogrande_prompt(record, where)
+        parsed = DATASETS[cfg.name].parse(record, where)
+    except (QAFormatError, DataError, ValueError) as err:
+        raise PredictError(str(err)) from None
+    if parsed is None:
+        raise PredictError(f"{where}: the dataset's preparation drops this record")
+    return Example(*parsed)
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise ArtifactError(path, "missing: the study has not made it yet", stage)
+    return path
+
+
+def load(
+    model: str, dataset: str, step: int | None = None, params: Params | str | Path = "params.yaml",
+    root: Path | str = ".",
+) -> Predictor:  # fmt: skip
+    """The :class:`Predictor` of checkpoint ``step`` (default: the final one) of ``model``
+    fine-tuned on ``dataset``, from the study's artifacts under ``root``."""
+    from lalora.config.data import answers_of
+    from lalora.core.io import read_json
+    from lalora.data.files import read_split
+    from lalora.laplace.tuning import TunedPriors
+    from lalora.models.classifier import answer_token_ids
+    from lalora.models.pipeline import load_adapted
+    from lalora.runtime.devices import resolve
+    from lalora.study.evaluation import LAPLACE_METHODS, configured_method, posteriors
+
+    params = params if isinstance(params, Params) else load_params(Path(root) / params)
+    if dataset not in params.datasets:
+        raise PredictError(f"dataset {dataset!r} is not in the study: {list(params.datasets)}")
+    step = params.checkpoints[-1] if step is None else step
+    if step not in params.checkpoints:
+        raise PredictError(f"step {step} is not a checkpoint: {list(params.checkpoints)}")
+    layout = Layout(model, dataset, Path(root))
+    name = f"{model}-{dataset}-{step}"
+    adapter = _need(layout.adapter(step), f"export@{name}")
+    kfac = _need(layout.kfac(step), f"fit_kfac@{name}")
+    prior_path = _need(layout.prior(step), f"tune_prior@{name}")
+    prior = read_json(prior_path, f"tune_prior@{name}")
+    posts = posteriors(kfac, prior_path, prior, LAPLACE_METHODS)
+    T = prior.get("temperature")
+    tuned = TunedPriors(posts, configured_method(prior["method"]),
+                        None if T is None else (T["T"], T["at_edge"]))  # fmt: skip
+    train = _need(layout.split("train"), f"prepare@{dataset}")
+    tok, net = load_adapted(params.card(model), adapter, device=resolve(params.launch.device))
+    cfg = params.dataset(dataset)
+    answers = answers_of(cfg)
+    # the answer tokens the model was trained on: those that continue the training prompts
+    ids = answer_token_ids(tok, answers, [e.prompt for e in read_split(train).examples])
+    laplace = LaplaceLoRA(net, tok, ids, tuned, params.predictive, params.evaluate.batch_size,
+                          params.finetune.max_length)  # fmt: skip
+    return Predictor(laplace, cfg, answers, step)
+
+
+def rows(pred: Prediction, examples: list[Example], answers: tuple[str, ...], method: str):
+    """One json-able dict per prompt: its id and prompt, and per choice the MAP and Laplace
+    probabilities; the standard deviation of each contrast (choice c against the last)."""
+    letters = [a.strip() for a in answers]
+    for i, e in enumerate(examples):
+        yield {
+            "id": e.id, "prompt": e.prompt, "method": method,
+            "choices": {
+                c: {"map": float(pred.map[i, j]), "laplace": float(pred.probs[i, j])}
+                for j, c in enumerate(letters)
+            },
+            "contrast_std": {
+                f"{c}-{letters[-1]}": float(pred.std[i, j]) for j, c in enumerate(letters[:-1])
+            },
+        }  # fmt: skip
+
+
+def show(row: dict) -> str:
+    lines = [f"{row['id']}: {row['prompt']}", "  choice     MAP  Laplace"]
+    for c, p in row["choices"].items():
+        lines.append(f"  {c:<6} {p['map']:7.4f}  {p['laplace']:7.4f}")
+    stds = ", ".join(f"{k} {v:.3f}" for k, v in row["contrast_std"].items())
+    return "\n".join([*lines, f"  logit contrast std ({row['method']}): {stds}"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--step", type=int, help="a checkpoint (default: the final one)")
+    parser.add_argument("--method", choices=["la", "la_val", "llla"],
+                        help="the posterior (default: the configured prior's)")  # fmt: skip
+    parser.add_argument("--input", type=Path, help="a JSONL of prompts")
+    parser.add_argument("--question")
+    parser.add_argument("--choices", nargs="+")
+    parser.add_argument("--out", type=Path, help="write one JSON line per prompt here")
+    args = parser.parse_args(argv)
+    if (args.input is None) == (args.question is None) or (args.question and not args.choices):
+        parser.error("give --input FILE, or --question with --choices")
+
+    predictor = load(args.model, args.dataset, args.step, args.params)
+    if args.input:
+        examples = predictor.read(args.input)
+    else:
+        examples = [predictor.render(args.question, args.choices)]
+    method = args.method or predictor.laplace.tuned.configured
+    pred = predictor.predict(examples, method)
+    out = list(rows(pred, examples, predictor.answers, method))
+    if args.out:
+        from lalora.core.io import atomic_write_text
+
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in out))
+        print(f"wrote {len(out)} predictions to {args.out}", file=sys.stderr)
+    else:
+        print("\n".join(show(r) for r in out))
