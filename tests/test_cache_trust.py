@@ -52,7 +52,7 @@ def test_a_change_to_the_fine_tuning_code_retrains(tmp_path):
     assert _run(proj, "finetune.py", *args).stderr.count("another configuration") == 0
     assert adapter.read_bytes() == before  # same code: resumed, nothing retrained
 
-    code = proj / "src" / "lalora" / "finetune.py"
+    code = proj / "src" / "lalora" / "training" / "finetune.py"
     text = code.read_text()
     line = 'cross_entropy(logits, part.labels, reduction="sum")'
     assert line in text

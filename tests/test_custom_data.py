@@ -200,3 +200,52 @@ def test_a_prompt_or_id_in_two_splits_is_refused_naming_them_or_kept_with_a_warn
         prepare(cfg(tmp_path, n_train=7, n_test=3, val_size=2), tmp_path / "o2", "mine")["test"]
         == 3
     )
+
+
+def test_an_answer_two_readings_give_different_choices_is_refused_unless_the_format_says(
+    tmp_path,
+):
+    """ "2" among the choices "4", "2", "0" is index 2 and the text of choice 1; "A" among "B",
+    "A", "C" is letter A and the text of choice 1: refused, naming file and line, until
+    ``schema.answer_format`` says how to read it. An unambiguous value reads as before."""
+    digits = {"qid": "d", "q": "Which is two?", "opts": ["4", "2", "0"], "gold": "2"}
+    letters = {"qid": "l", "q": "Which is A?", "opts": ["B", "A", "C"], "gold": "A"}
+    for record, by_text in ((digits, 1), (letters, 1)):
+        write_jsonl(tmp_path / "train.jsonl", [RECORDS[0], record])
+        write_jsonl(tmp_path / "test.jsonl", RECORDS)
+        with pytest.raises(DataError, match=r"train\.jsonl:2: field 'gold' is '.', which names "
+                           r"different choices .*set schema\.answer_format"):  # fmt: skip
+            load_splits(cfg(tmp_path, n_train=2))
+        for fmt, label in (("text", by_text), ("index" if record is digits else "letter",
+                                               2 if record is digits else 0)):  # fmt: skip
+            schema = SchemaConfig(**{**SCHEMA.__dict__, "answer_format": fmt})
+            for split in ("train", "test"):
+                write_jsonl(tmp_path / f"{split}.jsonl", [record])
+            train, _ = load_splits(cfg(tmp_path, schema=schema, n_train=1, n_test=1))
+            assert train[0].label == label, (record["qid"], fmt)
+    schema = SchemaConfig(**{**SCHEMA.__dict__, "answer_format": "letter"})
+    write_jsonl(tmp_path / "train.jsonl", [RECORDS[0]])
+    with pytest.raises(DataError, match=r"train\.jsonl:1: field 'gold' is 0, not a choice's "
+                       r"letter \(schema\.answer_format letter"):  # fmt: skip
+        load_splits(cfg(tmp_path, schema=schema, n_train=1))
+
+
+def test_a_csv_row_with_extra_fields_or_an_oversized_field_and_a_braced_template_are_named(
+    tmp_path,
+):
+    import csv
+
+    schema = SchemaConfig(n_choices=3, id="qid", question="q", choices=("a", "b", "c"),
+                          answer="gold")  # fmt: skip
+    (tmp_path / "train.csv").write_text("qid,q,a,b,c,gold\nr1,Which?,x,y,z,0\n"
+                                        "r2,Which one, really?,x,y,z,1\n")  # fmt: skip
+    write_jsonl(tmp_path / "test.jsonl", RECORDS)
+    with pytest.raises(DataError, match=r"train\.csv:3: 7 fields, and the header has 6: quote a "
+                       r"field that holds a comma"):  # fmt: skip
+        load_splits(cfg(tmp_path, schema=schema, n_train=1))
+    big = "w" * (csv.field_size_limit() + 1)
+    (tmp_path / "train.csv").write_text(f"qid,q,a,b,c,gold\nr1,{big},x,y,z,0\n")
+    with pytest.raises(DataError, match=r"train\.csv:\d+: not readable as CSV \(field larger"):
+        load_splits(cfg(tmp_path, schema=schema, n_train=1))
+    with pytest.raises(ConfigError, match=r"braces other than \{question\} and \{choices\}"):
+        SchemaConfig(n_choices=3, template="{{question}} {choices} Answer:")

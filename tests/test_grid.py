@@ -62,6 +62,10 @@ def test_resources_follow_the_card_and_the_overrides(tmp_path):
         ({"resources": {"gpu": 2}}, "resources: unknown key(s) ['gpu']"),
         ({"overrides": ["finetune.lr"]}, "key=value"),
         ({"throughput_tflops": 0}, "positive number"),
+        ({"models": ["smollm2-135m", "smollm2-135m"]}, "['smollm2-135m'] listed more than once"),
+        ({"seeds": [0, 1, 0]}, "seeds: ['0'] listed more than once"),
+        ({"axes": {"size": "x={}"}}, "unknown axis ['size']"),
+        ({"axes": {"model": "model={}{name}"}}, "axes.model: 'model={}{name}' is not a template"),
     ],
 )
 def test_a_bad_grid_file_is_refused_by_name(tmp_path, edit, message):
@@ -69,6 +73,26 @@ def test_a_bad_grid_file_is_refused_by_name(tmp_path, edit, message):
     with pytest.raises(GridError, match=None) as err:
         load_grid(write(tmp_path / "g.yaml", spec))
     assert message in str(err.value)
+
+
+def test_a_cell_that_does_not_compose_is_named_and_an_edit_of_overrides_renames_the_cells(
+    tmp_path,
+):
+    """An unknown model or override key is one message naming the cell; a cell's name carries
+    a digest of its overrides, so results of other overrides never count as its own."""
+    spec = {"name": "g", "models": ["smollm2-135m"], "datasets": ["generated"]}
+    for edit, message in (({"models": ["nosuch"]}, "its overrides do not compose"),
+                          ({"overrides": ["finetune.nosuch=1"]}, "do not compose")):  # fmt: skip
+        with pytest.raises(GridError, match=message) as err:
+            plan(ROOT, load_grid(write(tmp_path / "g.yaml", {**spec, **edit})))
+        assert str(err.value).startswith("cell g-")
+    (a,) = load_grid(write(tmp_path / "g.yaml", spec)).cells()
+    (b,) = load_grid(
+        write(tmp_path / "g.yaml", {**spec, "overrides": ["finetune.lr=1e-3"]})
+    ).cells()
+    assert a.name.startswith("g-smollm2-135m-generated-s0-") and a.name != b.name
+    (again,) = load_grid(write(tmp_path / "g.yaml", spec)).cells()
+    assert again.name == a.name
 
 
 def test_the_grid_table_is_the_mean_and_sample_sd_over_seeds(tmp_path):
@@ -229,7 +253,8 @@ def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(two_mode
     (a / "dvc.lock").unlink()
     shutil.rmtree(a / ".dvc" / "cache" / "runs")
     commit_and_push(a, env, "grid")
-    killed = "g-tiny-b-generated-s0"
+    names = {c.model: c.name for c in load_grid(grid_file).cells()}
+    killed = names["tiny-b"]
     kenv = {**env, "PYTHONPATH": f"{ROOT / 'tests' / 'grid_kill'}{os.pathsep}{env['PYTHONPATH']}",
             "LALORA_TEST_KILL_CELL": killed, "LALORA_TEST_KILL_STEP": "1",
             "LALORA_TEST_KILL_MARKER": str(a.parent / "killed")}  # fmt: skip
@@ -252,7 +277,7 @@ def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(two_mode
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], c, cenv))
     runs = {e["name"]: e["data"] for e in experiments(shown) if e.get("name")}
     for model in ("tiny-a", "tiny-b"):
-        data = runs[f"g-{model}-generated-s0"]
+        data = runs[names[model]]
         assert set(data["metrics"]["metrics/summary.json"]["data"]) == {model}
         assert data["params"]["params.yaml"]["data"]["finetune"]["seed"] == 0
     # both cells, the killed one included, are the shared study's plain runs

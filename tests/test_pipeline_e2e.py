@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 
 import pandas as pd
@@ -243,3 +244,35 @@ def test_exact_check_and_prior_comparison_run_on_the_artifacts(repo):
         assert re.search(rf"\| {stage} \| 1 process, 1 thread \| [\d.]+ \| 1\.00x \| reference \|",
                          table), table  # fmt: skip
     assert "- fit_kfac: the statistics once" in table
+
+
+def test_predict_refuses_artifacts_dvc_finds_stale_and_names_the_stage(repo):
+    """After a params edit or a code edit that DVC would rerun, ``lalora.predict`` refuses the
+    old artifacts, naming the stage, why, and the command; ``--allow-stale`` predicts from them
+    as they are (the same numbers as before the edit)."""
+    repo, env = repo
+    repro(repo, env)
+    cmd = [sys.executable, "-m", "lalora.predict", "--model", "tiny-a", "--dataset", "generated",
+           "--question", "Of the owl and the sofa, only the _ is alive.", "--choices", "owl",
+           "sofa"]  # fmt: skip
+    fresh = sh(cmd, repo, env)
+    assert "logit contrast std" in fresh
+
+    def refused(*needles: str) -> None:
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        for needle in ("are stale", "dvc repro tune_prior@tiny-a-generated-2", "--allow-stale",
+                       *needles):  # fmt: skip
+            assert needle in res.stderr, (needle, res.stderr)
+        assert sh([*cmd, "--allow-stale"], repo, env) == fresh
+
+    params = (repo / "params.yaml").read_text()
+    edit_params(repo, lambda p: p["kfac"].update(rank=3))
+    refused("fit_kfac@tiny-a-generated-2", "kfac.rank")
+    (repo / "params.yaml").write_text(params)
+    kfac = repo / "src" / "lalora" / "laplace" / "kfac.py"
+    code = kfac.read_text()
+    kfac.write_text(code + "\n# an edit\n")
+    refused("fit_kfac@tiny-a-generated-2", "src/lalora/laplace/kfac.py")
+    kfac.write_text(code)
+    assert sh(cmd, repo, env) == fresh

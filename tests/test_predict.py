@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_study import AT, ROOT, evaluate, fit_kfac, train_and_export, tune_prior, write_params
+from tiny_study import (
+    AT,
+    ROOT,
+    evaluate,
+    fit_kfac,
+    prune,
+    train_and_export,
+    tune_prior,
+    write_params,
+)
 
+from lalora.core.cli import run
 from lalora.core.errors import ArtifactError
 from lalora.core.io import load_predictions
 from lalora.core.paths import Layout
@@ -40,7 +51,7 @@ def study(tmp_path_factory):
 def test_predict_on_the_test_split_reproduces_evaluate(study):
     from lalora.study.predict import load
 
-    predictor = load("tiny-a", "generated", root=study)
+    predictor = load("tiny-a", "generated", root=study, allow_stale=True)
     examples = predictor.read(study / "data" / "generated" / "test.jsonl")
     saved, _, ids = load_predictions(study / AT.predictions(2))
     assert [e.id for e in examples] == ids
@@ -59,7 +70,7 @@ def test_the_command_renders_a_question_and_reads_records(study, monkeypatch, ca
     out = study / "one.jsonl"
     main(["--model", "tiny-a", "--dataset", "generated", "--method", "la",
           "--question", "Of the owl and the sofa, only the _ is alive.",
-          "--choices", "owl", "sofa", "--out", str(out)])  # fmt: skip
+          "--choices", "owl", "sofa", "--out", str(out), "--allow-stale"])  # fmt: skip
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["method"] == "la" and set(row["choices"]) == {"A", "B"}
     assert sum(c["laplace"] for c in row["choices"].values()) == pytest.approx(1, abs=1e-12)
@@ -70,7 +81,7 @@ def test_the_command_renders_a_question_and_reads_records(study, monkeypatch, ca
                                    "_ is alive.", "option1": "owl", "option2": "sofa",
                                    "answer": "1"}) + "\n")  # fmt: skip
     main(["--model", "tiny-a", "--dataset", "generated", "--method", "la",
-          "--input", str(records)])  # fmt: skip
+          "--input", str(records), "--allow-stale"])  # fmt: skip
     shown = capsys.readouterr().out
     assert shown.startswith("q1: ") and "logit contrast std (la): A-B" in shown
     a = re.search(r"\n  A\s+([\d.]+)\s+([\d.]+)", shown)
@@ -81,9 +92,95 @@ def test_a_missing_artifact_names_the_stage_that_makes_it(study):
     from lalora.study.predict import PredictError, load
 
     with pytest.raises(ArtifactError, match=r"fit_kfac@tiny-a-generated-0"):
-        load("tiny-a", "generated", step=0, root=study)
+        load("tiny-a", "generated", step=0, root=study, allow_stale=True)
     with pytest.raises(PredictError, match="step 3 is not a checkpoint"):
-        load("tiny-a", "generated", step=3, root=study)
+        load("tiny-a", "generated", step=3, root=study, allow_stale=True)
+
+
+def test_every_input_is_checked_before_a_weight_is_loaded(study, monkeypatch, capsys):
+    """A question the dataset's format refuses, a missing or empty --input, an unknown model:
+    one paragraph and exit status 2, and the model is never loaded; artifacts no DVC lock file
+    vouches for are refused unless --allow-stale."""
+    import lalora.models.pipeline
+    from lalora.predict import main as command
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(lalora.models.pipeline, "load_adapted", never)
+    monkeypatch.chdir(study)
+    (study / "empty.jsonl").write_text("")
+    base = ["--model", "tiny-a", "--dataset", "generated", "--allow-stale"]
+    cases = {
+        "sentence must contain exactly one '_'": ["--question", "No blank.", "--choices", "a", "b"],
+        "3 choices given": ["--question", "The _ flies.", "--choices", "a", "b", "c"],
+        "no such file": ["--input", "missing.jsonl"],
+        "no records (the file is empty)": ["--input", "empty.jsonl"],
+    }
+    for message, args in cases.items():
+        monkeypatch.setattr(sys, "argv", ["predict", *base, *args])
+        with pytest.raises(SystemExit) as exit_:
+            run(command)
+        assert exit_.value.code == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (message, err)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "predict",
+            "--model",
+            "nosuch",
+            "--dataset",
+            "generated",
+            "--question",
+            "The _ flies.",
+            "--choices",
+            "a",
+            "b",
+        ],
+    )
+    with pytest.raises(SystemExit):
+        run(command)
+    err = capsys.readouterr().err
+    assert "unknown model 'nosuch'; the zoo has ['tiny-a']" in err and "export" not in err
+    # no dvc.lock records these artifacts (the stages ran by hand): refused without the flag
+    monkeypatch.setattr(sys, "argv", ["predict", *base[:-1], "--question", "The _ flies.",
+                                      "--choices", "a", "b"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        run(command)
+    err = capsys.readouterr().err
+    assert "is not a DVC project" in err and "--allow-stale" in err
+
+
+@pytest.fixture(scope="module")
+def pruned_study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pruned")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        write_params(folder, lambda p: (_edit(p), p["prune"].update(layers=1)))
+        prune(mp)
+        train_and_export(mp)
+        fit_kfac(mp)
+        tune_prior(mp)
+        evaluate(mp)
+    return folder
+
+
+def test_predict_builds_the_pruned_model_as_evaluate_does(pruned_study):
+    """With prune.layers 1 the stages fine-tune, fit and evaluate the model without the chosen
+    layer; predict reads that choice and gives evaluate's predictions."""
+    from lalora.study.predict import load
+
+    choice = json.loads((pruned_study / AT.prune()).read_text())
+    assert choice["layers"] == 1 and len(choice["removed"]) == 1
+    predictor = load("tiny-a", "generated", root=pruned_study, allow_stale=True)
+    assert len(predictor.laplace.model.base_model.model.model.layers) == 1
+    examples = predictor.read(pruned_study / "data" / "generated" / "test.jsonl")
+    saved, _, _ = load_predictions(pruned_study / AT.predictions(2))
+    pred = predictor.predict(examples, "la_val")
+    assert float((pred.probs - saved["la_val"]).abs().max()) <= 1e-10
+    assert float((pred.map - saved["map"]).abs().max()) <= 1e-6
 
 
 def test_the_layout_is_the_one_dvc_yaml_gives_the_stages():

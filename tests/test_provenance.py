@@ -55,7 +55,7 @@ def test_the_closure_follows_lazy_and_submodule_imports(tmp_path):
         "__init__.py": "",
         "a.py": "def f():\n    from lalora.sub import c\n",
         "b.py": "import os\n",
-        "sub/__init__.py": "",
+        "sub/__init__.py": "X = 1\n",
         "sub/c.py": "import lalora.b\n",
         "unused.py": "",
     }.items():
@@ -64,6 +64,10 @@ def test_the_closure_follows_lazy_and_submodule_imports(tmp_path):
     script.write_text("from lalora.a import f\n")
     names = [p.relative_to(src).as_posix() for p in module_closure(script, src)]
     assert names == ["a.py", "b.py", "sub/__init__.py", "sub/c.py"]
+    # a package's __init__.py that holds only its docstring runs no code: left out
+    (src / "sub" / "__init__.py").write_text('"""A room."""\n')
+    names = [p.relative_to(src).as_posix() for p in module_closure(script, src)]
+    assert names == ["a.py", "b.py", "sub/c.py"]
 
 
 def test_the_fingerprint_changes_with_any_imported_module_and_nothing_else(tmp_path):

@@ -139,6 +139,12 @@ def test_finetune_stops_at_a_diverged_loss_naming_the_step(tmp_path):
         tiny_train(tmp_path / "c", cfg)
     written = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert written == ["step-0"]  # nothing saved after the divergence
+    # under LoRA+ the advice names the ratio that scales every B matrix's step
+    plus = FinetuneConfig(lr=1e-3, batch_size=3, steps=4, save_every=2, max_length=64, seed=1,
+                          lora_plus_ratio=1e15)  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"Lower finetune\.lora_plus_ratio \(LoRA\+: every B "
+                       r"matrix learns at 1e\+15 x lr = 1e\+12\) or finetune\.lr"):  # fmt: skip
+        tiny_train(tmp_path / "plus", plus)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-3])

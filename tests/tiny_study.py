@@ -47,11 +47,24 @@ def stage(script: str, args: list, monkeypatch) -> None:
     runpy.run_path(str(ROOT / "stages" / script), run_name="__main__")
 
 
+def pruned() -> list:
+    """``--prune`` with the prune stage's choice, where :func:`prune` made one."""
+    return ["--prune", AT.prune()] if AT.prune().exists() else []
+
+
+def prune(monkeypatch) -> None:
+    """prepare, then the prune stage's choice of ``prune.layers`` layers (``AT.prune()``), which
+    every later stage of this study then reads."""
+    stage("prepare.py", ["--dataset", "generated", "--out", DATA], monkeypatch)
+    stage("prune.py", ["--model", "tiny-a", "--data", DATA / "train.jsonl", "--out", AT.prune(),
+                       "--curve", "prune.csv", "--plot", "prune.png"], monkeypatch)  # fmt: skip
+
+
 def train_and_export(monkeypatch) -> None:
     """prepare, finetune and export the checkpoints 0 and 2."""
     stage("prepare.py", ["--dataset", "generated", "--out", DATA], monkeypatch)
     args = ["--model", "tiny-a", "--data", DATA / "train.jsonl", "--out", AT.checkpoints(),
-            "--loss-csv", "loss.csv"]  # fmt: skip
+            "--loss-csv", "loss.csv", *pruned()]  # fmt: skip
     stage("finetune.py", args, monkeypatch)
     for step in (0, 2):
         stage("export.py", ["--checkpoints", AT.checkpoints(), "--step", step,
@@ -60,18 +73,18 @@ def train_and_export(monkeypatch) -> None:
 
 def fit_kfac(monkeypatch) -> None:
     args = ["--model", "tiny-a", "--adapter", AT.adapter(2), "--data", DATA / "train.jsonl",
-            "--out", AT.kfac(2)]  # fmt: skip
+            "--out", AT.kfac(2), *pruned()]  # fmt: skip
     stage("fit_kfac.py", args, monkeypatch)
 
 
 def tune_prior(monkeypatch) -> None:
     stage("tune_prior.py", ["--model", "tiny-a", "--kfac", AT.kfac(2), "--adapter", AT.adapter(2),
                             "--init", AT.adapter(0), "--val", DATA / "val.jsonl",
-                            "--out", AT.prior(2)], monkeypatch)  # fmt: skip
+                            "--out", AT.prior(2), *pruned()], monkeypatch)  # fmt: skip
 
 
 def evaluate(monkeypatch) -> None:
     stage("evaluate.py", ["--model", "tiny-a", "--dataset", "generated", "--step", 2,
                           "--adapter", AT.adapter(2), "--kfac", AT.kfac(2), "--prior", AT.prior(2),
                           "--data", DATA / "test.jsonl", "--out", AT.metrics(2),
-                          "--predictions", AT.predictions(2)], monkeypatch)  # fmt: skip
+                          "--predictions", AT.predictions(2), *pruned()], monkeypatch)  # fmt: skip

@@ -36,16 +36,19 @@ class SchemaConfig:
     string), ``choices`` (one field holding the list of choice texts, or one field per choice)
     and ``answer`` (the true choice: a 0-based index, a letter ``A``, ``B``, ..., or the text of
     a choice). Every record has ``n_choices`` choices (2 to 26); the answers are the tokens
-    " A", " B", ... . ``template``: the prompt, with ``{question}`` and ``{choices}`` (rendered
-    "A. ... B. ..."); empty: the ARC prompt. ``hub_id`` (and ``hub_config``): the HuggingFace
-    dataset read with ``source: hub``; its split names are ``train_split`` and
-    ``test_split``."""
+    " A", " B", ... . ``answer_format``: how an answer is read, ``index``, ``letter``,
+    ``text``, or ``auto`` (any of them, and a value two readings give different choices, such as
+    "2" among the choices "4", "2", "0", is refused naming its file and line). ``template``: the
+    prompt, with ``{question}`` and ``{choices}`` (rendered "A. ... B. ..."; no other braces);
+    empty: the ARC prompt. ``hub_id`` (and ``hub_config``): the HuggingFace dataset read with
+    ``source: hub``; its split names are ``train_split`` and ``test_split``."""
 
     n_choices: int = 0
     id: str = "id"
     question: str = "question"
     choices: tuple[str, ...] = ("choices",)
     answer: str = "answer"
+    answer_format: Literal["auto", "index", "letter", "text"] = "auto"
     template: str = ""
     hub_id: str = ""
     hub_config: str = ""
@@ -64,6 +67,12 @@ class SchemaConfig:
                 raise ConfigError(
                     f"schema.template must contain {{question}} and {{choices}} and no other "
                     f"field, got {sorted(fields)}: {self.template!r}"
+                )
+            rest = re.sub(r"{(question|choices)}", "", self.template)
+            if "{" in rest or "}" in rest:
+                raise ConfigError(
+                    f"schema.template {self.template!r}: braces other than {{question}} and "
+                    "{choices} (such as {{ or }}) are not allowed in the prompt template"
                 )
 
 

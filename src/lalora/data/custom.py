@@ -63,23 +63,49 @@ def _choices(record: dict, schema: SchemaConfig, where: str) -> list[str]:
     return [_text({key: v}, key, where) for v in value]
 
 
-def _answer(value: object, choices: list[str], key: str, where: str) -> int:
-    """A 0-based index (a number, or digits), a letter A, B, ..., or a choice's text."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int) and not isinstance(value, bool):
-        if 0 <= value < len(choices):
-            return value
-        raise CustomDataError(
-            f"{where}: field {key!r} is {value}, not a choice index 0 to {len(choices) - 1}"
-        )
+def _readings(value: object, choices: list[str]) -> dict[str, int]:
+    """Each way ``value`` names a choice: a 0-based index (a number, or digits), a letter A,
+    B, ..., the text of exactly one choice."""
+    out = {}
+    if isinstance(value, bool):
+        return out
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        index = int(value.strip() if isinstance(value, str) else value)
+        if 0 <= index < len(choices):
+            out["index"] = index
     if isinstance(value, str):
         text = value.strip()
         if len(text) == 1 and text in LETTERS[: len(choices)]:
-            return LETTERS.index(text)
+            out["letter"] = LETTERS.index(text)
         matches = [i for i, c in enumerate(choices) if c == " ".join(text.split())]
         if len(matches) == 1:
-            return matches[0]
+            out["text"] = matches[0]
+    return out
+
+
+def _answer(value: object, choices: list[str], key: str, where: str, fmt: str = "auto") -> int:
+    """The true choice's index, reading ``value`` as ``fmt`` says (``auto``: any reading, and
+    refused where two readings name different choices)."""
+    readings = _readings(value, choices)
+    if fmt != "auto":
+        if fmt in readings:
+            return readings[fmt]
+        raise CustomDataError(
+            f"{where}: field {key!r} is {value!r}, not a choice's {fmt} "
+            f"(schema.answer_format {fmt}; choices {choices})"
+        )
+    if len(set(readings.values())) > 1:
+        meant = ", ".join(f"as {k}: {LETTERS[i]} ({choices[i]!r})" for k, i in readings.items())
+        raise CustomDataError(
+            f"{where}: field {key!r} is {value!r}, which names different choices ({meant}); "
+            "set schema.answer_format to index, letter or text"
+        )
+    if readings:
+        return next(iter(readings.values()))
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise CustomDataError(
+            f"{where}: field {key!r} is {value}, not a choice index 0 to {len(choices) - 1}"
+        )
     raise CustomDataError(
         f"{where}: field {key!r} is {value!r}: expected a choice index (0 to "
         f"{len(choices) - 1}), a letter ({', '.join(LETTERS[: len(choices)])}) or the text of "
@@ -98,7 +124,7 @@ def parse(record: dict, schema: SchemaConfig, where: str) -> tuple[str, str, int
         )
     if schema.answer not in record:
         raise CustomDataError(f"{where}: missing field {schema.answer!r}")
-    label = _answer(record[schema.answer], choices, schema.answer, where)
+    label = _answer(record[schema.answer], choices, schema.answer, where, schema.answer_format)
     rendered = " ".join(f"{LETTERS[i]}. {choice_text(c)}." for i, c in enumerate(choices))
     prompt, cut = fill(schema.template or MC_PROMPT, "question", "end",
                        question=question, choices=rendered)  # fmt: skip
@@ -125,8 +151,16 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row:  # more fields than the header names
+                    raise CustomDataError(
+                        f"{where}: {len(reader.fieldnames) + len(row[None])} fields, and the "
+                        f"header has {len(reader.fieldnames)}: quote a field that holds a comma"
+                    )
                 if any(v not in (None, "") for v in row.values()):
-                    yield f"{path}:{reader.line_num}", row
+                    yield where, row
+    except csv.Error as err:  # a field over csv.field_size_limit(), a stray quote
+        raise CustomDataError(f"{path}:{reader.line_num}: not readable as CSV ({err})") from None
     except UnicodeDecodeError as err:
         raise CustomDataError(
             f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start}); "

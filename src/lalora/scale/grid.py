@@ -25,6 +25,7 @@ It is an estimate to size a request, printed with its assumptions, not a measure
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import re
@@ -79,12 +80,17 @@ class Grid:
         return " x ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in parts)
 
     def cells(self) -> list[Cell]:
-        """Every (model, dataset, seed), models outermost."""
+        """Every (model, dataset, seed), models outermost. A cell's name ends in a digest of
+        its full overrides, so an edit of ``overrides`` (or ``axes``) names new experiments
+        and a landed one is always the run of these overrides (at this commit: ``dvc exp
+        list`` lists HEAD's)."""
         out = []
         for m, d, s in itertools.product(self.models, self.datasets, self.seeds):
             axes = (self.axes["model"].format(m), self.axes["dataset"].format(d),
                     self.axes["seed"].format(s))  # fmt: skip
-            out.append(Cell(m, d, s, f"{self.name}-{m}-{d}-s{s}", (*axes, *self.overrides)))
+            overrides = (*axes, *self.overrides)
+            key = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:6]
+            out.append(Cell(m, d, s, f"{self.name}-{m}-{d}-s{s}-{key}", overrides))
         return out
 
 
@@ -98,7 +104,15 @@ def _names(raw: dict, key: str, path: Path) -> tuple:
     for v in value:
         if not NAME.fullmatch(str(v)) or str(v).endswith((".", ".lock")):
             raise GridError(f"{path}: {key}: {v!r} is not a plain name (letters, digits, -_.)")
+    _unique(value, key, path)
     return tuple(value)
+
+
+def _unique(values: list, key: str, path: Path) -> None:
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise GridError(f"{path}: {key}: {twice} listed more than once (each would plan the "
+                        "same cells twice under one experiment name)")  # fmt: skip
 
 
 def load_grid(path: Path) -> Grid:
@@ -122,6 +136,7 @@ def load_grid(path: Path) -> Grid:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds) or not seeds:
         raise GridError(f"{path}: 'seeds' must be a list of integers, got {seeds!r}")
+    _unique(seeds, "seeds", path)
     overrides = raw.get("overrides", [])
     if isinstance(overrides, dict):
         overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
@@ -130,7 +145,15 @@ def load_grid(path: Path) -> Grid:
         raise GridError(f"{path}: 'overrides' must be key=value strings, got {overrides!r}")
     axes = {**AXES, **(raw.get("axes") or {})}
     if set(axes) != set(AXES) or not all("{}" in str(v) for v in axes.values()):
-        raise GridError(f"{path}: 'axes' maps model, dataset and seed to a '-S' template with {{}}")
+        unknown = sorted(set(axes) - set(AXES))
+        raise GridError(f"{path}: 'axes' maps model, dataset and seed to a '-S' template with {{}}"
+                        + (f"; unknown axis {unknown}" if unknown else ""))  # fmt: skip
+    for axis, template in axes.items():
+        try:
+            str(template).format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise GridError(f"{path}: axes.{axis}: {template!r} is not a template with one {{}} "
+                            f"({type(err).__name__}: {err})") from None  # fmt: skip
     resources = raw.get("resources") or {}
     bad = set(resources) - set(RESOURCE_KEYS)
     if bad:
@@ -160,7 +183,14 @@ def cell_params(project: Path, cell: Cell) -> Params:
     with Repo(str(project)) as repo:
         hydra = bool(repo.config.get("hydra", {}).get("enabled", False))
     if hydra:
-        raw = compose(project / "conf", list(cell.overrides))
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            raw = compose(project / "conf", list(cell.overrides))
+        except (HydraException, OmegaConfBaseException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise GridError(f"cell {cell.name}: its overrides do not compose: {first}") from None
     else:
         raw = yaml.safe_load((project / "params.yaml").read_text())
         for item in cell.overrides:

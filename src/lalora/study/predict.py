@@ -51,27 +51,44 @@ class Predictor:
 
     def render(self, question: str, choices: list[str]) -> Example:
         """One prompt of this dataset's format from a question and its choices."""
-        if len(choices) != len(self.answers):
-            raise PredictError(
-                f"{len(choices)} choices given; dataset {self.data.name!r} has "
-                f"{len(self.answers)} ({', '.join(a.strip() for a in self.answers)})"
-            )
-        return _example(self.data, _question_record(self.data, question, choices), "--question")
+        return render(self.data, self.answers, question, choices)
 
     def read(self, path: Path) -> list[Example]:
         """The prompts of a prepared split, or of records in the dataset's own format."""
-        from lalora.data.files import read_jsonl, read_split
+        return read(self.data, self.answers, path)
 
-        rows = list(read_jsonl(path))
-        if rows and "answers" in rows[0][1]:
-            split = read_split(path)
-            if split.answers != self.answers:
-                raise PredictError(
-                    f"{path}: answers {list(split.answers)}, and the model answers "
-                    f"{list(self.answers)}"
-                )
-            return list(split.examples)
-        return [_example(self.data, record, f"{path}:{i}") for i, record in rows]
+
+def render(cfg: DataConfig, answers: tuple[str, ...], question: str, choices: list[str]) -> Example:
+    """One prompt of dataset ``cfg``'s format from a question and its choices (checked as the
+    dataset's own records are, before any model is loaded)."""
+    if len(choices) != len(answers):
+        raise PredictError(
+            f"{len(choices)} choices given; dataset {cfg.name!r} has "
+            f"{len(answers)} ({', '.join(a.strip() for a in answers)})"
+        )
+    return _example(cfg, _question_record(cfg, question, choices), "--question")
+
+
+def read(cfg: DataConfig, answers: tuple[str, ...], path: Path) -> list[Example]:
+    """The prompts of a prepared split, or of records in dataset ``cfg``'s own format; a
+    missing or empty file is refused."""
+    from lalora.data.files import read_jsonl, read_split
+
+    if not path.is_file():
+        raise PredictError(f"--input {path}: no such file")
+    rows = list(read_jsonl(path))
+    if not rows:
+        raise PredictError(f"--input {path}: no records (the file is empty)")
+    if "answers" in rows[0][1]:
+        split = read_split(path)
+        if split.answers != answers:
+            raise PredictError(
+                f"{path}: answers {list(split.answers)}, and the model answers {list(answers)}"
+            )
+        if not split.examples:
+            raise PredictError(f"--input {path}: a prepared split with no examples")
+        return list(split.examples)
+    return [_example(cfg, record, f"{path}:{i}") for i, record in rows]
 
 
 def _question_record(cfg: DataConfig, question: str, choices: list[str]) -> dict:
@@ -118,13 +135,138 @@ def _need(path: Path, stage: str) -> Path:
     return path
 
 
+class StaleError(UserError, RuntimeError):
+    """An artifact predict would read no longer matches the params, code or data that DVC
+    says determine it."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`load` reads, checked before any weight is: the params with the model's card
+    pruned as the study's prune stage chose, the data config and its answers, the checkpoint,
+    and the artifacts' paths."""
+
+    params: Params
+    model: str
+    data: DataConfig
+    answers: tuple[str, ...]
+    step: int
+    layout: Layout
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.layout.dataset}-{self.step}"
+
+
+def plan(model: str, dataset: str, step: int | None = None,
+         params: Params | str | Path = "params.yaml", root: Path | str = ".") -> Plan:  # fmt: skip
+    """Check the request against the study (a known model, a trained dataset, a checkpoint) and
+    that every artifact exists; read the prune stage's choice into the model's card, as every
+    stage after ``prune`` does."""
+    from lalora.config.data import answers_of
+    from lalora.models.prune import pruned
+
+    params = params if isinstance(params, Params) else load_params(Path(root) / params)
+    params.card(model)  # an unknown model: one message naming the zoo
+    if model not in params.models:
+        raise PredictError(f"model {model!r} is not in the study: {list(params.models)}")
+    if dataset not in params.datasets:
+        raise PredictError(f"dataset {dataset!r} is not in the study: {list(params.datasets)}")
+    step = params.checkpoints[-1] if step is None else step
+    if step not in params.checkpoints:
+        raise PredictError(f"step {step} is not a checkpoint: {list(params.checkpoints)}")
+    layout = Layout(model, dataset, Path(root))
+    name = f"{model}-{dataset}-{step}"
+    needed = {
+        layout.split("train"): f"prepare@{dataset}",
+        layout.adapter(step): f"export@{name}",
+        layout.kfac(step): f"fit_kfac@{name}",
+        layout.prior(step): f"tune_prior@{name}",
+    }
+    for path, stage in needed.items():
+        _need(path, stage)
+    if params.prune.layers:  # the layers the prune stage removed (its file holds none at 0)
+        _need(layout.prune(), f"prune@{model}-{dataset}")
+    params = pruned(params, model, layout.prune() if layout.prune().exists() else None)
+    cfg = params.dataset(dataset)
+    return Plan(params, model, cfg, answers_of(cfg), step, layout)
+
+
+def stale(p: Plan) -> dict[str, list[str]]:
+    """The stages behind ``p``'s artifacts (``tune_prior@...`` and everything it depends on)
+    that DVC finds out of date, with why: params, code or data changed since the lock file
+    recorded them, or an output edited (``dvc status``); and the raw data's digest against the
+    one ``prepare`` read (DVC's ``sources`` stage recomputes it only at the next repro)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    from lalora.core.io import read_json
+    from lalora.data.datasets import source_digest
+
+    root = p.layout.root
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        raise StaleError(
+            f"{root.resolve()} is not a DVC project, so nothing records what made its "
+            "artifacts: run the study with dvc repro, or pass --allow-stale to predict from them "
+            "as they are"
+        )
+    try:
+        with Repo(str(root)) as repo:
+            found = repo.status(targets=[f"tune_prior@{p.name}"], with_deps=True)
+    except DvcException as err:
+        raise StaleError(f"dvc status on {root}: {err}") from None
+    out = {k.split(":")[-1]: [_why(v) for v in vs] for k, vs in found.items()}
+    out.pop("sources", None)  # it runs at every repro
+    digest = root / "data" / "sources" / f"{p.layout.dataset}.json"
+    if digest.is_file() and read_json(digest, "sources") != source_digest(p.data, root):
+        out.setdefault(f"prepare@{p.layout.dataset}", []).append("its raw data files changed")
+    return out
+
+
+def _why(entry) -> str:
+    if isinstance(entry, str):
+        return entry
+    parts = []
+    for kind, what in entry.items():
+        if isinstance(what, dict):
+            names = [n for v in what.values() for n in (v if isinstance(v, dict) else {})]
+            names = names or list(what)
+            parts.append(f"{kind}: {', '.join(map(str, names[:4]))}")
+        else:
+            parts.append(str(kind))
+    return "; ".join(parts)
+
+
+def check_current(p: Plan) -> None:
+    """Refuse stale artifacts (:func:`stale`), naming each stage, why, and the command that
+    makes them current."""
+    found = stale(p)
+    if found:
+        lines = "; ".join(f"{stage} ({', '.join(why)})" for stage, why in found.items())
+        raise StaleError(
+            f"the artifacts of {p.name} are stale: {lines}. Run dvc repro "
+            f"tune_prior@{p.name} (or dvc repro) to bring them up to date, or pass --allow-stale "
+            "to predict from them as they are"
+        )
+
+
 def load(
     model: str, dataset: str, step: int | None = None, params: Params | str | Path = "params.yaml",
-    root: Path | str = ".",
+    root: Path | str = ".", allow_stale: bool = False,
 ) -> Predictor:  # fmt: skip
     """The :class:`Predictor` of checkpoint ``step`` (default: the final one) of ``model``
-    fine-tuned on ``dataset``, from the study's artifacts under ``root``."""
-    from lalora.config.data import answers_of
+    fine-tuned on ``dataset``, from the study's artifacts under ``root``: checked first
+    (:func:`plan`) and, unless ``allow_stale``, refused where DVC finds them out of date
+    (:func:`check_current`); then the model is loaded as ``evaluate`` loads it (pruned as the
+    study chose)."""
+    p = plan(model, dataset, step, params, root)
+    if not allow_stale:
+        check_current(p)
+    return build(p)
+
+
+def build(p: Plan) -> Predictor:
+    """Load the model, its adapter and the tuned posteriors of a checked :class:`Plan`."""
     from lalora.core.io import read_json
     from lalora.data.files import read_split
     from lalora.laplace.tuning import TunedPriors
@@ -133,31 +275,21 @@ def load(
     from lalora.runtime.devices import resolve
     from lalora.study.evaluation import LAPLACE_METHODS, configured_method, posteriors
 
-    params = params if isinstance(params, Params) else load_params(Path(root) / params)
-    if dataset not in params.datasets:
-        raise PredictError(f"dataset {dataset!r} is not in the study: {list(params.datasets)}")
-    step = params.checkpoints[-1] if step is None else step
-    if step not in params.checkpoints:
-        raise PredictError(f"step {step} is not a checkpoint: {list(params.checkpoints)}")
-    layout = Layout(model, dataset, Path(root))
-    name = f"{model}-{dataset}-{step}"
-    adapter = _need(layout.adapter(step), f"export@{name}")
-    kfac = _need(layout.kfac(step), f"fit_kfac@{name}")
-    prior_path = _need(layout.prior(step), f"tune_prior@{name}")
+    params, layout, name = p.params, p.layout, p.name
+    prior_path = layout.prior(p.step)
     prior = read_json(prior_path, f"tune_prior@{name}")
-    posts = posteriors(kfac, prior_path, prior, LAPLACE_METHODS)
+    posts = posteriors(layout.kfac(p.step), prior_path, prior, LAPLACE_METHODS)
     T = prior.get("temperature")
     tuned = TunedPriors(posts, configured_method(prior["method"]),
                         None if T is None else (T["T"], T["at_edge"]))  # fmt: skip
-    train = _need(layout.split("train"), f"prepare@{dataset}")
-    tok, net = load_adapted(params.card(model), adapter, device=resolve(params.launch.device))
-    cfg = params.dataset(dataset)
-    answers = answers_of(cfg)
+    tok, net = load_adapted(params.card(p.model), layout.adapter(p.step),
+                            device=resolve(params.launch.device))  # fmt: skip
     # the answer tokens the model was trained on: those that continue the training prompts
-    ids = answer_token_ids(tok, answers, [e.prompt for e in read_split(train).examples])
+    train = read_split(layout.split("train")).examples
+    ids = answer_token_ids(tok, p.answers, [e.prompt for e in train])
     laplace = LaplaceLoRA(net, tok, ids, tuned, params.predictive, params.evaluate.batch_size,
                           params.finetune.max_length)  # fmt: skip
-    return Predictor(laplace, cfg, answers, step)
+    return Predictor(laplace, p.data, p.answers, p.step)
 
 
 def rows(pred: Prediction, examples: list[Example], answers: tuple[str, ...], method: str):
@@ -197,15 +329,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--question")
     parser.add_argument("--choices", nargs="+")
     parser.add_argument("--out", type=Path, help="write one JSON line per prompt here")
+    parser.add_argument("--allow-stale", action="store_true",
+                        help="predict from artifacts DVC finds out of date")  # fmt: skip
     args = parser.parse_args(argv)
     if (args.input is None) == (args.question is None) or (args.question and not args.choices):
         parser.error("give --input FILE, or --question with --choices")
 
-    predictor = load(args.model, args.dataset, args.step, args.params)
+    p = plan(args.model, args.dataset, args.step, args.params)
     if args.input:
-        examples = predictor.read(args.input)
+        examples = read(p.data, p.answers, args.input)
     else:
-        examples = [predictor.render(args.question, args.choices)]
+        examples = [render(p.data, p.answers, args.question, args.choices)]
+    if not args.allow_stale:
+        check_current(p)
+    predictor = build(p)
     method = args.method or predictor.laplace.tuned.configured
     pred = predictor.predict(examples, method)
     out = list(rows(pred, examples, predictor.answers, method))

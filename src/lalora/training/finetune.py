@@ -447,17 +447,28 @@ def _resume(model, opt, sched, out: Path, fingerprint: str, aside: Path | None, 
     return start, [(int(s), float(v)) for s, v in meta["losses"]]
 
 
+def divergence_advice(cfg: FinetuneConfig) -> str:
+    """What to lower after a diverged step: the learning rate, and under LoRA+ the ratio that
+    multiplies it for every B matrix."""
+    if cfg.lora_plus_ratio == 1:
+        return "Lower finetune.lr."
+    return (
+        f"Lower finetune.lora_plus_ratio (LoRA+: every B matrix learns at {cfg.lora_plus_ratio:g}"
+        f" x lr = {cfg.lora_plus_ratio * cfg.lr:g}) or finetune.lr."
+    )
+
+
 def _checked_update(model, opt, sched, loss: torch.Tensor, params: list, step: int, saved: int,
-                    lr: float, d: Dist) -> float:  # fmt: skip
+                    cfg: FinetuneConfig, d: Dist) -> float:  # fmt: skip
     """One AdamW update from this rank's ``loss`` (gradients summed over the ranks); returns the
     global loss. A non-finite loss (before the update) or weight (after it) raises
     NonFiniteError naming the (0-based) ``step`` and the last checkpoint ``saved``."""
     total = all_reduce_(loss.detach().double().reshape(1), d)[0]
     if not torch.isfinite(total):
         raise NonFiniteError(
-            f"finetune: the loss is {float(total)} at step {step + 1} (lr {lr:g}); "
-            f"the run diverged, the last checkpoint saved is step {saved}. Lower "
-            "finetune.lr."
+            f"finetune: the loss is {float(total)} at step {step + 1} (lr {cfg.lr:g}); "
+            f"the run diverged, the last checkpoint saved is step {saved}. "
+            + divergence_advice(cfg)
         )
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -468,8 +479,8 @@ def _checked_update(model, opt, sched, loss: torch.Tensor, params: list, step: i
     if bad:
         raise NonFiniteError(
             f"finetune: non-finite weights in {bad[0]} (and {len(bad) - 1} more) after "
-            f"step {step + 1} (lr {lr:g}); the last checkpoint saved is step {saved}. "
-            "Lower finetune.lr."
+            f"step {step + 1} (lr {cfg.lr:g}); the last checkpoint saved is step {saved}. "
+            + divergence_advice(cfg)
         )
     return float(total)
 
@@ -549,7 +560,7 @@ def _loop(task: Task, cfg: FinetuneConfig, run: RunContext, d: Dist, rows: tuple
         for step in bar:
             loss = _step(task, cfg, step, rows, dropouts)
             losses.append((step + 1, _checked_update(task.model, opt, sched, loss, params, step,
-                                                     saved, cfg.lr, d)))  # fmt: skip
+                                                     saved, cfg, d)))  # fmt: skip
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
             if (step + 1) % cfg.save_every == 0:
                 if d.main:
