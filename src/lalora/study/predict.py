@@ -215,7 +215,11 @@ def stale(p: Plan) -> dict[str, list[str]]:
             found = repo.status(targets=[f"tune_prior@{p.name}"], with_deps=True)
     except DvcException as err:
         raise StaleError(f"dvc status on {root}: {err}") from None
-    out = {k.split(":")[-1]: [_why(v) for v in vs] for k, vs in found.items()}
+    lock = _locked_params(root)
+    out = {
+        k.split(":")[-1]: [_why(v, lock.get(k.split(":")[-1], {}), root) for v in vs]
+        for k, vs in found.items()
+    }
     out.pop("sources", None)  # it runs at every repro
     digest = root / "data" / "sources" / f"{p.layout.dataset}.json"
     if digest.is_file() and read_json(digest, "sources") != source_digest(p.data, root):
@@ -223,17 +227,56 @@ def stale(p: Plan) -> dict[str, list[str]]:
     return out
 
 
-def _why(entry) -> str:
+def _locked_params(root: Path) -> dict[str, dict]:
+    """Each stage's params as ``dvc.lock`` recorded them: ``{stage: {key: value}}``."""
+    import yaml
+
+    path = root / "dvc.lock"
+    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.is_file() else {}
+    return {name: s.get("params", {}).get("params.yaml", {}) for name, s in stages.items()}
+
+
+def _leaves(value, prefix: str) -> dict[str, object]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out |= _leaves(v, f"{prefix}.{k}")
+        return out
+    return {prefix: value}
+
+
+def _changed_keys(recorded: dict, root: Path) -> list[str]:
+    """The params keys (leaves, e.g. ``kfac.rank``) whose value in ``params.yaml`` is not the
+    one the lock file recorded."""
+    import yaml
+
+    now = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    changed = []
+    for key, old in recorded.items():
+        node = now
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        before, after = _leaves(old, key), _leaves(node, key)
+        changed += sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return changed
+
+
+def _why(entry, recorded: dict, root: Path) -> str:
+    """One ``dvc status`` entry in words: what changed (params by their keys, files by path)."""
     if isinstance(entry, str):
         return entry
     parts = []
     for kind, what in entry.items():
-        if isinstance(what, dict):
-            names = [n for v in what.values() for n in (v if isinstance(v, dict) else {})]
-            names = names or list(what)
-            parts.append(f"{kind}: {', '.join(map(str, names[:4]))}")
-        else:
+        if not isinstance(what, dict):
             parts.append(str(kind))
+            continue
+        names = []
+        for path, how in what.items():
+            if isinstance(how, dict):  # a params file: the keys DVC tracks, then their leaves
+                names += _changed_keys({k: recorded.get(k) for k in how}, root) or list(how)
+            else:
+                names.append(str(path))
+        parts.append(f"{kind}: {', '.join(names[:4])}")
     return "; ".join(parts)
 
 
