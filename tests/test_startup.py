@@ -39,7 +39,7 @@ def _run(folder: Path, *commands: list[str]) -> bool:
 
 def test_the_launcher_and_the_stage_helpers_import_no_torch():
     code = ("import sys, lalora.launch, lalora.scale.launch, lalora.runtime.distributed, "
-            "lalora.models.prune, lalora.training.members, "
+            "lalora.models.prune, lalora.training.members, lalora.predict, "
             "lalora.study.shift; print(sorted(m for m in ('torch', 'transformers', 'peft') "
             "if m in sys.modules))")  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

@@ -19,12 +19,15 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lalora.config import DataConfig, Params, load_params
 from lalora.core.errors import ArtifactError, UserError
 from lalora.core.paths import Layout
 from lalora.data.files import Example
-from lalora.laplace.lora import LaplaceLoRA, Prediction
+
+if TYPE_CHECKING:  # torch is imported where the model is: a refused request never needs it
+    from lalora.laplace.lora import LaplaceLoRA, Prediction
 
 
 class PredictError(UserError, ValueError):
@@ -330,6 +333,8 @@ def build(p: Plan) -> Predictor:
     # the answer tokens the model was trained on: those that continue the training prompts
     train = read_split(layout.split("train")).examples
     ids = answer_token_ids(tok, p.answers, [e.prompt for e in train])
+    from lalora.laplace.lora import LaplaceLoRA
+
     laplace = LaplaceLoRA(net, tok, ids, tuned, params.predictive, params.evaluate.batch_size,
                           params.finetune.max_length)  # fmt: skip
     return Predictor(laplace, p.data, p.answers, p.step)
