@@ -218,12 +218,11 @@ def stale(p: Plan) -> dict[str, list[str]]:
             found = repo.status(targets=[f"tune_prior@{p.name}"], with_deps=True)
     except DvcException as err:
         raise StaleError(f"dvc status on {root}: {err}") from None
-    lock = _locked_params(root)
-    out = {
-        k.split(":")[-1]: [_why(v, lock.get(k.split(":")[-1], {}), root) for v in vs]
-        for k, vs in found.items()
-    }
-    out.pop("sources", None)  # it runs at every repro
+    found = {k.split(":")[-1]: vs for k, vs in found.items()}
+    found.pop("sources", None)  # it runs at every repro
+    # the lock file's params are read again only to say which keys changed
+    lock = _locked_params(root) if found else {}
+    out = {stage: [_why(v, lock.get(stage, {}), root) for v in vs] for stage, vs in found.items()}
     digest = root / "data" / "sources" / f"{p.layout.dataset}.json"
     if digest.is_file() and read_json(digest, "sources") != source_digest(p.data, root):
         out.setdefault(f"prepare@{p.layout.dataset}", []).append("its raw data files changed")
