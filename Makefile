@@ -32,12 +32,12 @@ repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 test: $(STAMP)
-	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff check src stages tests bench hydra_plugins
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # the fast inner loop: everything but the end-to-end DVC studies (marked slow)
 test-unit: $(STAMP)
-	$(BIN)/ruff check src stages tests bench
+	$(BIN)/ruff check src stages tests bench hydra_plugins
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope -m "not slow" $(PYTEST_ARGS)
 
 # On a CUDA machine: the study's GPU path in a few minutes, offline, without DVC (see
@@ -52,8 +52,8 @@ remote: $(STAMP)
 	$(BIN)/python -m lalora.remote
 
 lint: $(STAMP)
-	$(BIN)/ruff check src stages tests bench
-	$(BIN)/ruff format --check src stages tests bench
+	$(BIN)/ruff check src stages tests bench hydra_plugins
+	$(BIN)/ruff format --check src stages tests bench hydra_plugins
 
 
 # The benchmark's own environment: the project plus bayesian-lora 0.0.6 (the reference

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from lalora.config import compose
 from lalora.scale.collect import markdown, summarise, summary_rows
-from lalora.scale.grid import GridError, load_grid, plan
+from lalora.scale.grid import Baseline, GridError, cell_params, load_grid, plan
 from lalora.scale.remote import Mirror, RemoteError, check_plugin
 from tests.studies import copy_study, edit_params, experiments
 
@@ -93,6 +94,24 @@ def test_a_cell_that_does_not_compose_is_named_and_an_edit_of_overrides_renames_
     assert a.name.startswith("g-smollm2-135m-generated-s0-") and a.name != b.name
     (again,) = load_grid(write(tmp_path / "g.yaml", spec)).cells()
     assert again.name == a.name
+
+
+def test_a_hand_edit_of_params_that_the_cells_would_drop_is_refused_before_submission(tmp_path):
+    """With Hydra on, each cell's ``dvc exp run -S`` would compose params.yaml afresh: a value
+    edited there by hand (finetune.lr) stops the plan, naming the cell, the key and conf/; a
+    cell that sets that key itself is planned with its own value."""
+    base = compose(ROOT / "conf")
+    held = {**base, "finetune": {**base["finetune"], "lr": 0.00123}}
+    spec = {"name": "g", "models": ["smollm2-135m"], "datasets": ["generated"]}
+    (cell,) = load_grid(write(tmp_path / "g.yaml", spec)).cells()
+    with pytest.raises(GridError, match=r"finetune\.lr: 0\.00123 \(this run would use") as err:
+        cell_params(ROOT, cell, Baseline(True, held, base))
+    assert str(err.value).startswith(f"cell {cell.name}: ") and "conf/" in str(err.value)
+    assert cell_params(ROOT, cell, Baseline(True, base, base)).finetune.lr == base["finetune"]["lr"]
+    (own,) = load_grid(
+        write(tmp_path / "g.yaml", {**spec, "overrides": ["finetune.lr=0.002"]})
+    ).cells()
+    assert cell_params(ROOT, own, Baseline(True, held, base)).finetune.lr == 0.002
 
 
 def test_the_grid_table_is_the_mean_and_sample_sd_over_seeds(tmp_path):

@@ -25,6 +25,7 @@ It is an estimate to size a request, printed with its assumptions, not a measure
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import math
@@ -35,6 +36,8 @@ from pathlib import Path
 import yaml
 
 from lalora.config import ConfigError, Params, compose, load_section
+from lalora.config.edits import lost_edits
+from lalora.config.edits import message as edits_message
 from lalora.core.errors import UserError
 from lalora.models.memory import DTYPE_BYTES
 
@@ -174,15 +177,37 @@ def _set(tree: dict, dotted: str, value) -> None:
     tree[last] = value
 
 
-def cell_params(project: Path, cell: Cell) -> Params:
-    """The params a cell's experiment runs with: ``conf/`` composed with its overrides when
-    DVC composes params.yaml with Hydra (``hydra.enabled``), else ``params.yaml`` with each
-    override applied as ``dvc exp run -S`` applies it."""
+def hydra_enabled(project: Path) -> bool:
+    """Whether DVC composes ``project``'s params.yaml from ``conf/`` (``hydra.enabled``)."""
     from dvc.repo import Repo
 
     with Repo(str(project)) as repo:
-        hydra = bool(repo.config.get("hydra", {}).get("enabled", False))
-    if hydra:
+        return bool(repo.config.get("hydra", {}).get("enabled", False))
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What every cell of a plan starts from: whether DVC composes with Hydra, the params.yaml
+    the cells' experiments would overwrite, and ``conf/`` composed without overrides."""
+
+    hydra: bool
+    held: dict
+    base: dict
+
+    @staticmethod
+    def of(project: Path) -> Baseline:
+        hydra = hydra_enabled(project)
+        held = yaml.safe_load((project / "params.yaml").read_text()) or {}
+        return Baseline(hydra, held, compose(project / "conf") if hydra else {})
+
+
+def cell_params(project: Path, cell: Cell, baseline: Baseline | None = None) -> Params:
+    """The params a cell's experiment runs with: ``conf/`` composed with its overrides when
+    DVC composes params.yaml with Hydra (``hydra.enabled``), else ``params.yaml`` with each
+    override applied as ``dvc exp run -S`` applies it. With Hydra, a hand edit of params.yaml
+    that the composition would drop is refused here, as each cell's ``dvc exp run`` would."""
+    baseline = baseline or Baseline.of(project)
+    if baseline.hydra:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
@@ -191,8 +216,10 @@ def cell_params(project: Path, cell: Cell) -> Params:
         except (HydraException, OmegaConfBaseException) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise GridError(f"cell {cell.name}: its overrides do not compose: {first}") from None
+        if lost := lost_edits(baseline.held, baseline.base, raw):
+            raise GridError(f"cell {cell.name}: {edits_message(project / 'params.yaml', lost)}")
     else:
-        raw = yaml.safe_load((project / "params.yaml").read_text())
+        raw = copy.deepcopy(baseline.held)
         for item in cell.overrides:
             key, value = item.split("=", 1)
             _set(raw, key, yaml.safe_load(value))
@@ -273,7 +300,8 @@ def resources(grid: Grid, params: Params, cell: Cell, tokens: int = 128) -> Reso
 def plan(project: Path, grid: Grid) -> tuple[list[tuple[Cell, Resources]], str]:
     """Every cell with its resources, and the table printed before submission: one row per
     model and dataset (its seeds alike), then the job count and GPU-hours."""
-    rows = [(c, resources(grid, cell_params(project, c), c)) for c in grid.cells()]
+    baseline = Baseline.of(project)
+    rows = [(c, resources(grid, cell_params(project, c, baseline), c)) for c in grid.cells()]
     lines = [f"grid {grid.name}: {len(rows)} jobs ({grid.shape()}), time at "
              f"{grid.throughput_tflops:g} TFLOP/s per GPU (an estimate)",
              "| model | dataset | seeds | GPUs | GPU memory (GB) | host memory (GB) | "
