@@ -114,6 +114,36 @@ def test_a_hand_edit_of_params_that_the_cells_would_drop_is_refused_before_submi
     assert cell_params(ROOT, own, Baseline(True, held, base)).finetune.lr == 0.002
 
 
+def test_a_cell_whose_job_is_pending_or_running_is_in_flight_until_the_job_ends(tmp_path):
+    """A local job submitted by submitit is in flight while its process runs and not once it
+    has ended (its record is then deleted); a SLURM job is in flight while SLURM says it is
+    pending or running, and a job whose state cannot be read stays in flight, saying how to
+    clear it."""
+    import submitit
+
+    from lalora.scale import inflight
+
+    logs = tmp_path / "logs"
+    job = submitit.LocalExecutor(folder=logs).submit(time.sleep, 20)
+    rec = inflight.record(logs, "g-a", job)
+    assert rec.executor == "local" and rec.pid == int(job.job_id)
+    assert inflight.in_flight(logs, ["g-a", "g-b"]) == {"g-a": f"running as local job {rec.pid}"}
+    job.cancel()
+    deadline = time.monotonic() + 30
+    while inflight.process_alive(rec.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert inflight.in_flight(logs, ["g-a"]) == {}
+    assert not (logs / "running" / "g-a.json").exists()
+
+    slurm = inflight.Record("g-c", "4242", "slurm", "login1", 0, 0.0)
+    cases = [("PENDING", "pending as SLURM job 4242"), ("RUNNING", "running as SLURM job 4242")]
+    cases += [("COMPLETED", None), ("FAILED", None), ("CANCELLED", None)]
+    for state, expected in cases:
+        assert inflight.reason(slurm, logs, state=lambda *_, s=state: s) == expected
+    unknown = inflight.reason(slurm, logs, state=lambda *_: "UNKNOWN")
+    assert "scancel 4242" in unknown and "g-c.json" in unknown
+
+
 def test_the_grid_table_is_the_mean_and_sample_sd_over_seeds(tmp_path):
     grid = load_grid(write(tmp_path / "g.yaml", {"name": "g", "models": ["m"],
                                                   "datasets": ["d"], "seeds": [0, 1]}))  # fmt: skip
@@ -283,6 +313,12 @@ def test_a_grid_of_jobs_lands_in_the_collecting_clone_as_run_one_by_one(two_mode
     print(f"grid submit: {time.monotonic() - start:.0f} s\n{out}")
     assert (a.parent / "killed").exists()
     assert f"{killed} failed; resubmitted" in out
+    # each cell's last job is on record, and none is in flight once submit --wait returns
+    from lalora.scale.inflight import in_flight
+
+    logs = a / ".dvc" / "tmp" / "grid" / "g"
+    assert {p.stem for p in (logs / "running").glob("*.json")} == set(names.values())
+    assert in_flight(logs, list(names.values())) == {}
     assert out.count("landed") >= 2
     logs = a / ".dvc" / "tmp" / "grid" / "g"
     text = "\n".join(p.read_text() for p in logs.glob("*_log.out"))

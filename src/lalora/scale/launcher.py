@@ -12,7 +12,9 @@ to the DVC remote) and delete the folder. On SLURM a preempted or timed-out job 
 submitit (:class:`CellJob` is ``Checkpointable``; it mirrors what it has first); a failed job is
 resubmitted up to ``retries`` times; either way the new attempt resumes fine-tuning from the
 last mirrored checkpoint. :func:`submit` skips cells whose experiment the git remote already
-holds for this commit, so running it again resubmits only what has not landed.
+holds for this commit and cells whose job of an earlier ``submit`` is still pending or running
+(:mod:`lalora.scale.inflight`), so running it again submits only what has neither landed nor
+is on its way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 import submitit
 
 from lalora.core.paths import EXPERIMENTS, Layout
+from lalora.scale import inflight
 from lalora.scale.grid import Cell, Grid, Resources
 from lalora.scale.remote import Mirror, RemoteError, configure, dvc
 
@@ -186,16 +189,27 @@ def job_specs(project: Path, grid: Grid, cells: list[Cell], git_remote: str = "o
 def submit(project: Path, grid: Grid, rows: list[tuple[Cell, Resources]], kind: str = "auto",
            retries: int = 2, wait: bool = False, git_remote: str = "origin",
            workdir: str = "", sync_seconds: float = 60.0) -> dict[str, str]:  # fmt: skip
-    """Submit every cell not yet on the git remote; with ``wait``, watch the jobs and resubmit
-    a failed one up to ``retries`` times. Returns {cell: state}."""
-    landed = remote_experiments(project, git_remote)
-    todo = [(c, r) for c, r in rows if c.name not in landed]
-    specs = job_specs(project, grid, [c for c, _ in todo], git_remote, workdir, sync_seconds)
+    """Submit every cell neither on the git remote nor in flight (a job of an earlier
+    ``submit`` still pending or running, :mod:`lalora.scale.inflight`); with ``wait``, watch
+    the jobs and resubmit a failed one up to ``retries`` times. Returns {cell: state}."""
     logs = project / ".dvc" / "tmp" / "grid" / grid.name
-    jobs, states = {}, {c.name: "landed" for c, _ in rows if c.name in landed}
+    landed = remote_experiments(project, git_remote)
+    for cell, _ in rows:
+        if cell.name in landed:
+            inflight.forget(logs, cell.name)
+    flight = inflight.in_flight(logs, [c.name for c, _ in rows if c.name not in landed])
+    todo = [(c, r) for c, r in rows if c.name not in landed and c.name not in flight]
+    specs = job_specs(project, grid, [c for c, _ in todo], git_remote, workdir, sync_seconds)
+    states = {c.name: "landed" for c, _ in rows if c.name in landed}
+    states.update({name: f"in flight: {why}" for name, why in flight.items()})
+    for name, why in flight.items():
+        print(f"grid: {name} not submitted again: {why}", flush=True)
+    jobs = {}
     for spec, (cell, res) in zip(specs, todo, strict=True):
-        jobs[cell.name] = (executor(logs, grid, kind, res).submit(CellJob(), spec), spec, res, 0)
-        print(f"grid: submitted {cell.name} (job {jobs[cell.name][0].job_id})", flush=True)
+        job = executor(logs, grid, kind, res).submit(CellJob(), spec)
+        inflight.record(logs, cell.name, job)
+        jobs[cell.name] = (job, spec, res, 0)
+        print(f"grid: submitted {cell.name} (job {job.job_id})", flush=True)
     while wait and jobs:
         time.sleep(2)
         for name, (job, spec, res, tries) in list(jobs.items()):
@@ -212,6 +226,7 @@ def submit(project: Path, grid: Grid, rows: list[tuple[Cell, Resources]], kind: 
                     print(f"grid: {name} failed after {tries + 1} attempts", flush=True)
                     continue
                 again = executor(logs, grid, kind, res).submit(CellJob(), spec)
+                inflight.record(logs, name, again)
                 jobs[name] = (again, spec, res, tries + 1)
                 print(f"grid: {name} failed; resubmitted (job {again.job_id})", flush=True)
     states.update({name: "submitted" for name in jobs})
