@@ -125,9 +125,13 @@ def test_a_cell_whose_job_is_pending_or_running_is_in_flight_until_the_job_ends(
 
     logs = tmp_path / "logs"
     job = submitit.LocalExecutor(folder=logs).submit(time.sleep, 4)
-    rec = inflight.record(logs, "g-a", job)
+    rec = inflight.record(logs, "g-a", job, "c0ffee")
     assert rec.executor == "local" and rec.pid == int(job.job_id)
-    assert inflight.in_flight(logs, ["g-a", "g-b"]) == {"g-a": f"running as local job {rec.pid}"}
+    running = {"g-a": f"running as local job {rec.pid}"}
+    assert inflight.in_flight(logs, ["g-a", "g-b"], "c0ffee") == running
+    # a job of another commit does not hold back this commit's cell
+    assert inflight.in_flight(logs, ["g-a"], "beef") == {}
+    assert inflight.in_flight(logs, ["g-a"]) == running
     job.result()
     deadline = time.monotonic() + 30
     while inflight.process_alive(rec.pid) and time.monotonic() < deadline:

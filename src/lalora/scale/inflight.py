@@ -1,8 +1,9 @@
 """Which cells of a grid have a job in flight, so that ``submit`` never sends a cell twice.
 
 Each submission leaves a record, ``.dvc/tmp/grid/<grid>/running/<cell>.json`` (job id, the
-executor, the submitting host and, for a local job, its process id). A later ``submit`` asks,
-for every cell not yet landed, whether its recorded job is still pending or running: SLURM
+executor, the submitting host, for a local job its process id, and the commit it runs). A later
+``submit`` of the same commit asks, for every cell not yet landed, whether its recorded job is
+still pending or running (a job of another commit is not this commit's cell): SLURM
 through submitit (``sacct``), a local job through its process on this host. A job whose state
 cannot be read is taken as in flight, and the message says how to clear it (``scancel`` the job,
 or delete the record).
@@ -29,7 +30,8 @@ ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_F
 @dataclass(frozen=True)
 class Record:
     """One submission of a cell: the job's id, its executor (``slurm`` or ``local``), the host
-    that submitted it, the local job's process id (0 on SLURM) and when (seconds since epoch)."""
+    that submitted it, the local job's process id (0 on SLURM), when (seconds since epoch) and
+    the commit the job runs."""
 
     cell: str
     job_id: str
@@ -37,19 +39,20 @@ class Record:
     host: str
     pid: int
     submitted: float
+    commit: str = ""
 
 
 def folder(logs: Path) -> Path:
     return logs / "running"
 
 
-def record(logs: Path, cell: str, job) -> Record:
-    """Keep a record of ``job`` (a submitit job) for ``cell``; returns it."""
+def record(logs: Path, cell: str, job, commit: str = "") -> Record:
+    """Keep a record of ``job`` (a submitit job) for ``cell`` at ``commit``; returns it."""
     import submitit
 
     local = isinstance(job, submitit.local.local.LocalJob)
     rec = Record(cell, str(job.job_id), "local" if local else "slurm", socket.gethostname(),
-                 int(job.job_id) if local else 0, time.time())  # fmt: skip
+                 int(job.job_id) if local else 0, time.time(), commit)  # fmt: skip
     atomic_write_json(folder(logs) / f"{cell}.json", asdict(rec))
     return rec
 
@@ -105,9 +108,10 @@ def reason(
     return None
 
 
-def in_flight(logs: Path, cells: list[str], **checks) -> dict[str, str]:
-    """{cell: why it is in flight} for the ``cells`` whose recorded job has not ended; the
-    records of ended jobs are deleted. ``checks``: :func:`reason`'s ``state`` and ``alive``."""
+def in_flight(logs: Path, cells: list[str], commit: str = "", **checks) -> dict[str, str]:
+    """{cell: why it is in flight} for the ``cells`` whose recorded job, of ``commit`` (any
+    commit where ""), has not ended; the records of ended jobs are deleted. ``checks``:
+    :func:`reason`'s ``state`` and ``alive``."""
     out = {}
     for cell in cells:
         path = folder(logs) / f"{cell}.json"
@@ -118,6 +122,8 @@ def in_flight(logs: Path, cells: list[str], **checks) -> dict[str, str]:
         except (ValueError, TypeError):  # a damaged record holds no job to wait for
             path.unlink(missing_ok=True)
             continue
+        if commit and rec.commit != commit:
+            continue  # another commit's job: its experiment is not this commit's cell
         why = reason(rec, logs, **checks)
         if why is None:
             path.unlink(missing_ok=True)

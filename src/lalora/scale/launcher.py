@@ -197,7 +197,8 @@ def submit(project: Path, grid: Grid, rows: list[tuple[Cell, Resources]], kind: 
     for cell, _ in rows:
         if cell.name in landed:
             inflight.forget(logs, cell.name)
-    flight = inflight.in_flight(logs, [c.name for c, _ in rows if c.name not in landed])
+    head = _git(["rev-parse", "HEAD"], project).strip()
+    flight = inflight.in_flight(logs, [c.name for c, _ in rows if c.name not in landed], head)
     todo = [(c, r) for c, r in rows if c.name not in landed and c.name not in flight]
     specs = job_specs(project, grid, [c for c, _ in todo], git_remote, workdir, sync_seconds)
     states = {c.name: "landed" for c, _ in rows if c.name in landed}
@@ -207,7 +208,7 @@ def submit(project: Path, grid: Grid, rows: list[tuple[Cell, Resources]], kind: 
     jobs = {}
     for spec, (cell, res) in zip(specs, todo, strict=True):
         job = executor(logs, grid, kind, res).submit(CellJob(), spec)
-        inflight.record(logs, cell.name, job)
+        inflight.record(logs, cell.name, job, spec.commit)
         jobs[cell.name] = (job, spec, res, 0)
         print(f"grid: submitted {cell.name} (job {job.job_id})", flush=True)
     while wait and jobs:
@@ -226,7 +227,7 @@ def submit(project: Path, grid: Grid, rows: list[tuple[Cell, Resources]], kind: 
                     print(f"grid: {name} failed after {tries + 1} attempts", flush=True)
                     continue
                 again = executor(logs, grid, kind, res).submit(CellJob(), spec)
-                inflight.record(logs, name, again)
+                inflight.record(logs, name, again, spec.commit)
                 jobs[name] = (again, spec, res, tries + 1)
                 print(f"grid: {name} failed; resubmitted (job {again.job_id})", flush=True)
     states.update({name: "submitted" for name in jobs})
