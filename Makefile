@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# pytest-xdist workers (test modules are the unit of distribution: module fixtures run once)
-PYTEST_WORKERS ?= 2
+# pytest-xdist workers (test modules are the unit of distribution: module fixtures run once);
+# 3 on 2 cores: the end-to-end tests leave a core idle part of the time (waiting on DVC)
+PYTEST_WORKERS ?= 3
 TORCH_PIP_ARGS ?=
 # Everything installs through uv, which resolves and installs the ~150 packages in seconds where
 # pip takes a minute and a half (compiled to bytecode, as pip does: where
