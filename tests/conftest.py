@@ -53,4 +53,5 @@ FIRST = ("test_grid.py", "test_four_choice_e2e.py", "test_pipeline_e2e.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else 3)
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))

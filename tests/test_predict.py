@@ -285,3 +285,16 @@ def test_the_readme_snippet_runs_as_written_and_gives_the_pipeline_s_probabiliti
     assert float((prediction.map - saved["map"]).abs().max()) <= 1e-6
     assert prediction.std.shape == (len(test.examples), 1)
     assert not torch.allclose(prediction.probs, prediction.map)
+
+
+def test_a_changed_param_is_named_by_its_leaf_key_even_under_a_name_with_a_dot():
+    """The keys named in a staleness message: each changed leaf under a key the lock recorded,
+    matched whole, so a zoo name holding a dot (qwen2.5) is found and nothing else is named."""
+    from lalora.config.edits import flatten
+    from lalora.study.predict import _changed_keys
+
+    now = flatten({"kfac": {"rank": 12, "seed": 0}, "zoo": {"qwen2.5": {"r": 16, "alpha": 16}}})
+    recorded = {"kfac.rank": 10, "kfac.seed": 0, "zoo.qwen2.5": {"r": 8, "alpha": 16}}
+    assert _changed_keys(recorded, now) == ["kfac.rank", "zoo.qwen2.5.r"]
+    assert _changed_keys({"prune.layers": 0}, now) == ["prune.layers"]  # gone from params.yaml
+    assert _changed_keys({"kfac.seed": 0}, now) == []

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lalora.config import DataConfig, Params, load_params
+from lalora.config.edits import flatten
 from lalora.core.errors import ArtifactError, UserError
 from lalora.core.paths import Layout
 from lalora.data.files import Example
@@ -220,9 +221,9 @@ def stale(p: Plan) -> dict[str, list[str]]:
         raise StaleError(f"dvc status on {root}: {err}") from None
     found = {k.split(":")[-1]: vs for k, vs in found.items()}
     found.pop("sources", None)  # it runs at every repro
-    # the lock file's params are read again only to say which keys changed
-    lock = _locked_params(root) if found else {}
-    out = {stage: [_why(v, lock.get(stage, {}), root) for v in vs] for stage, vs in found.items()}
+    # the lock file's params and params.yaml are read only to say which keys changed
+    lock, now = (_locked_params(root), _current_params(root)) if found else ({}, {})
+    out = {stage: [_why(v, lock.get(stage, {}), now) for v in vs] for stage, vs in found.items()}
     digest = root / "data" / "sources" / f"{p.layout.dataset}.json"
     if digest.is_file() and read_json(digest, "sources") != source_digest(p.data, root):
         out.setdefault(f"prepare@{p.layout.dataset}", []).append("its raw data files changed")
@@ -238,32 +239,26 @@ def _locked_params(root: Path) -> dict[str, dict]:
     return {name: s.get("params", {}).get("params.yaml", {}) for name, s in stages.items()}
 
 
-def _leaves(value, prefix: str) -> dict[str, object]:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out |= _leaves(v, f"{prefix}.{k}")
-        return out
-    return {prefix: value}
-
-
-def _changed_keys(recorded: dict, root: Path) -> list[str]:
-    """The params keys (leaves, e.g. ``kfac.rank``) whose value in ``params.yaml`` is not the
-    one the lock file recorded."""
+def _current_params(root: Path) -> dict[str, object]:
+    """``params.yaml``'s leaves by dotted key (:func:`lalora.config.edits.flatten`)."""
     import yaml
 
-    now = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    return flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
+
+
+def _changed_keys(recorded: dict, now: dict[str, object]) -> list[str]:
+    """The params keys (leaves, e.g. ``kfac.rank``) whose value in ``params.yaml`` (``now``,
+    its leaves) is not the one the lock file recorded. A recorded key is matched whole, so a
+    name that holds a dot (``zoo.qwen2.5``) is found."""
     changed = []
     for key, old in recorded.items():
-        node = now
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        before, after = _leaves(old, key), _leaves(node, key)
+        before = flatten(old, key)
+        after = {k: v for k, v in now.items() if k == key or k.startswith(f"{key}.")}
         changed += sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     return changed
 
 
-def _why(entry, recorded: dict, root: Path) -> str:
+def _why(entry, recorded: dict, now: dict[str, object]) -> str:
     """One ``dvc status`` entry in words: what changed (params by their keys, files by path)."""
     if isinstance(entry, str):
         return entry
@@ -275,7 +270,7 @@ def _why(entry, recorded: dict, root: Path) -> str:
         names = []
         for path, how in what.items():
             if isinstance(how, dict):  # a params file: the keys DVC tracks, then their leaves
-                names += _changed_keys({k: recorded.get(k) for k in how}, root) or list(how)
+                names += _changed_keys({k: recorded.get(k) for k in how}, now) or list(how)
             else:
                 names.append(str(path))
         parts.append(f"{kind}: {', '.join(names[:4])}")
